@@ -1,0 +1,69 @@
+"""Data for the CLI: turns --dataset/--data_dir into what a recipe asks for.
+
+Recipes never import this package (they stay drop-in); main.py calls `load`
+and hands the result to `recipe.run`. A recipe states what it wants with a
+module-level `DATA` dict:
+
+    form:        "arrays"    -> ((x_train, y_train), (x_val, y_val)), x float32
+                                in [0, 1] shaped (n, size, size, channels),
+                                y integer class ids
+                 "directory" -> (train_dir, validation_dir or None): a
+                                class-folder tree of image files
+    image_size, channels: the geometry it trains on (generated sets are drawn
+                 at it; real images are resized to it)
+
+Every problem with the data raises DataError with a one-line message.
+"""
+import numpy as np
+
+from datasets import folder, idx, shapes
+from datasets.errors import DataError
+
+NAMES = ("shapes", "mnist", "fashion_mnist", "directory", "threshold")
+SHAPES_TRAIN, SHAPES_VAL = 6000, 1000
+
+
+def threshold():
+    """The four-point toy: X = [.1, .3, .6, .9], y = x > .5 (validated on itself)."""
+    x = np.array([[0.1], [0.3], [0.6], [0.9]], dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.float32)
+    return (x, y), (x, y)
+
+
+def _idx_arrays(name, data_dir, image_size, channels):
+    (x_train, y_train), (x_test, y_test) = idx.load(name, data_dir)
+
+    def prepare(images):
+        images = images[..., None].astype(np.float32) / 255
+        if channels == 3:
+            images = np.repeat(images, 3, axis=-1)
+        if image_size != images.shape[1]:
+            import tensorflow as tf  # Deferred: only resizing needs it.
+            images = tf.image.resize(images, (image_size, image_size)).numpy()
+        return images
+
+    return (prepare(x_train), y_train.astype(np.int64)), (prepare(x_test), y_test.astype(np.int64))
+
+
+def load(name, data_dir=None, form="arrays", image_size=28, channels=1, seed=0):
+    """The data a recipe asked for; see the module docstring for the forms."""
+    if name not in NAMES:
+        raise DataError(f"unknown --dataset={name}; choose one of {', '.join(NAMES)}")
+    if form == "directory":
+        if name == "shapes":
+            root = shapes.cached_folder(SHAPES_TRAIN, SHAPES_VAL, image_size, channels, seed)
+            return root / "train", root / "validation"
+        if name != "directory":
+            raise DataError(f"this recipe reads image folders; --dataset={name} is not one "
+                            "(use --dataset=directory --data_dir=FOLDER or shapes)")
+        return folder.find_tree(data_dir)
+    if name == "shapes":
+        return shapes.load(SHAPES_TRAIN, SHAPES_VAL, image_size, channels, seed)
+    if name == "threshold":
+        return threshold()
+    if name == "directory":
+        data, skipped = folder.load(data_dir, image_size, channels, seed)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+        return data
+    return _idx_arrays(name, data_dir, image_size, channels)
