@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import types
@@ -278,6 +279,9 @@ def main(argv):
         metrics = module.run(config, str(run_dir), data)
     except ArithmeticError as e:  # a NaN/Inf guard fired: the run is over, its logs stay
         fail(f"{e} (run folder: {run_dir})", code=1)
+    except ValueError as e:  # the recipe rejected its input before training: leave nothing
+        shutil.rmtree(run_dir, ignore_errors=True)
+        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     write_json_atomically(run_dir / "metrics.json", metrics)
     print_summary(run_dir, metrics, getattr(module, "HEADLINE", ()), fv.logdir)
 

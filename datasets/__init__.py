@@ -11,6 +11,7 @@ module-level `DATA` dict:
                                 class-folder tree of image files
     image_size, channels: the geometry it trains on (generated sets are drawn
                  at it; real images are resized to it)
+    examples:    (n_train, n_val) for the generated shapes set (default 6000, 1000)
 
 Every problem with the data raises DataError with a one-line message.
 """
@@ -45,20 +46,22 @@ def _idx_arrays(name, data_dir, image_size, channels):
     return (prepare(x_train), y_train.astype(np.int64)), (prepare(x_test), y_test.astype(np.int64))
 
 
-def load(name, data_dir=None, form="arrays", image_size=28, channels=1, seed=0):
+def load(name, data_dir=None, form="arrays", image_size=28, channels=1, seed=0,
+         examples=(SHAPES_TRAIN, SHAPES_VAL)):
     """The data a recipe asked for; see the module docstring for the forms."""
+    n_train, n_val = examples
     if name not in NAMES:
         raise DataError(f"unknown --dataset={name}; choose one of {', '.join(NAMES)}")
     if form == "directory":
         if name == "shapes":
-            root = shapes.cached_folder(SHAPES_TRAIN, SHAPES_VAL, image_size, channels, seed)
+            root = shapes.cached_folder(n_train, n_val, image_size, channels, seed)
             return root / "train", root / "validation"
         if name != "directory":
             raise DataError(f"this recipe reads image folders; --dataset={name} is not one "
                             "(use --dataset=directory --data_dir=FOLDER or shapes)")
         return folder.find_tree(data_dir)
     if name == "shapes":
-        return shapes.load(SHAPES_TRAIN, SHAPES_VAL, image_size, channels, seed)
+        return shapes.load(n_train, n_val, image_size, channels, seed)
     if name == "threshold":
         return threshold()
     if name == "directory":
