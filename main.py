@@ -121,7 +121,10 @@ def build_config(module, fv, converters):
         value = fv[field.name].value if field.name in fv else None
         if field.name in SHARED_FLAGS and value is None:
             continue  # shared flag not given: keep the recipe's default
-        values[field.name] = converters.get(field.name, lambda v: v)(value)
+        try:
+            values[field.name] = converters.get(field.name, lambda v: v)(value)
+        except ValueError as e:
+            raise ValueError(f"--{field.name}={','.join(value)} is not a list of numbers ({e})") from None
     return module.Config(**values)
 
 

@@ -56,8 +56,9 @@ def read_tensorboard_tags(event_dir):
     acc.Reload()
     out = {}
     for tag in acc.Tags()["tensors"]:
-        out[tag] = [float(np.asarray(tf.make_ndarray(e.tensor_proto)))
-                    for e in acc.Tensors(tag)]
+        values = [tf.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)]
+        if all(v.dtype.kind in "fiu" and v.size == 1 for v in values):  # not text summaries
+            out[tag] = [float(v) for v in values]
     for tag in acc.Tags()["scalars"]:
         out[tag] = [e.value for e in acc.Scalars(tag)]
     return out

@@ -1,0 +1,186 @@
+"""main.py as a user meets it: help, bad input, the run folder, TensorBoard."""
+import gzip
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from conftest import ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli
+
+import main
+from recipes import RECIPES
+
+TINY_BATCH = ["--recipe=batch", "--batch_sizes=8,16", "--epochs=2", "--steps_per_epoch=3"]
+
+
+def test_help_lists_recipes_without_importing_tensorflow():
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['main.py', '--help']\n"
+             "try:\n    runpy.run_path('main.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print('EXIT', code, 'TF_LOADED', 'tensorflow' in sys.modules)\n")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, env=ENV, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert "EXIT 0 TF_LOADED False" in result.stdout
+    for name, (_, summary) in RECIPES.items():
+        assert name in result.stdout and summary in result.stdout
+    assert elapsed < 5  # a fresh interpreter included; TensorFlow alone takes longer
+
+
+def test_bare_main_lists_recipes():
+    result = run_cli()
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in RECIPES)
+
+
+def test_recipe_help_shows_its_config_flags():
+    result = run_cli("--recipe=batch", "--help")
+    assert result.returncode == 0
+    assert "--batch_sizes: batch sizes to sweep" in result.stdout
+    assert "--scale_lr: scale the learning rate linearly" in result.stdout
+    assert "--epochs" in result.stdout
+
+
+def _idx_gz(path, magic, dims, payload):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:]))
+        f.write(payload)
+
+
+def _truncated_idx_dir(folder):
+    folder.mkdir()
+    _idx_gz(folder / "train-images-idx3-ubyte.gz", 2051, (5, 28, 28), bytes(5 * 28 * 28))
+    _idx_gz(folder / "train-labels-idx1-ubyte.gz", 2049, (5,), bytes(5))
+    _idx_gz(folder / "t10k-images-idx3-ubyte.gz", 2051, (3, 28, 28), bytes(100))  # truncated
+    _idx_gz(folder / "t10k-labels-idx1-ubyte.gz", 2049, (3,), bytes(3))
+    return folder
+
+
+def _bad_input_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(b"not really")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {
+        "unknown_recipe": (["--recipe=nope"], "choose one of batch"),
+        "unknown_dataset": (TINY_BATCH + ["--dataset=cifar"], "unknown --dataset=cifar"),
+        "zero_epochs": (TINY_BATCH + ["--epochs=0"], "--epochs must be at least 1"),
+        "negative_batch_size": (["--recipe=batch", "--batch_size=-3"], "--batch_size must be at least 1"),
+        "missing_data_dir": (TINY_BATCH + [f"--data_dir={tmp_path / 'nowhere'}"], "does not exist"),
+        "empty_data_dir": (TINY_BATCH + [f"--data_dir={empty}"], "is empty"),
+        "no_class_folders": (TINY_BATCH + [f"--data_dir={flat}"], "no class sub-folders"),
+        "truncated_idx": (TINY_BATCH + ["--dataset=mnist", f"--data_dir={_truncated_idx_dir(tmp_path / 'idx')}"],
+                          "t10k-images-idx3-ubyte.gz is truncated"),
+        "unwritable_logdir": (TINY_BATCH, "--logdir is not writable"),
+        "bad_recipe_flag_value": (TINY_BATCH + ["--batch_sizes=8,x"], "batch_sizes"),
+    }, a_file
+
+
+CASES = ["unknown_recipe", "unknown_dataset", "zero_epochs", "negative_batch_size",
+         "missing_data_dir", "empty_data_dir", "no_class_folders", "truncated_idx",
+         "unwritable_logdir", "bad_recipe_flag_value"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_error_with_exit_2_and_no_run_folder(case, tmp_path):
+    cases, a_file = _bad_input_cases(tmp_path)
+    args, expected = cases[case]
+    # A logdir below a plain file can never be created, even by root.
+    logdir = a_file / "runs" if case == "unwritable_logdir" else tmp_path / "runs"
+    result = run_cli(*args, f"--logdir={logdir}")
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not list(logdir.glob("*/*"))  # no run folder, not even a half-made one
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("logs")
+    result = run_cli(*TINY_BATCH, f"--logdir={logdir}")
+    assert result.returncode == 0, result.stderr
+    return logdir, only_run_dir(logdir, "batch"), result.stdout
+
+
+def test_run_folder_has_flags_metrics_and_events(finished_run):
+    logdir, run_dir, stdout = finished_run
+    flags = json.loads((run_dir / "flags.json").read_text())
+    assert flags["recipe"] == "batch" and flags["config"]["batch_sizes"] == [8, 16]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_batch_size"] in (8, 16)
+    assert {"examples_per_sec_b8", "step_time_ms_p90_b16", "val_accuracy_b8"} <= set(metrics)
+    assert list(run_dir.glob("batch_8/train/events.out.tfevents.*"))
+    assert not list(run_dir.glob("*.tmp"))
+    tail = stdout.strip().splitlines()[-8:]
+    assert any(str(run_dir) in line for line in tail)
+    assert tail[-1] == f"See it: tensorboard --logdir {logdir}"
+
+
+def test_tensorboard_has_epoch_loss_and_accuracy_for_train_and_validation(finished_run):
+    _, run_dir, _ = finished_run
+    for split in ("train", "validation"):
+        tags = read_tensorboard_tags(run_dir / "batch_8" / split)
+        assert {"epoch_loss", "epoch_accuracy"} <= set(tags), tags
+        assert len(tags["epoch_loss"]) == 2  # one point per epoch
+    sweep = read_tensorboard_tags(run_dir / "sweep")
+    assert len(sweep["sweep/examples_per_sec"]) == 2  # one point per batch size
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_serves_a_finished_run(finished_run):
+    logdir, run_dir, _ = finished_run
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}",
+                               "--host=127.0.0.1", f"--port={port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    run_name = f"batch/{run_dir.name}/batch_8/train"
+    url = (f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?"
+           + urllib.parse.urlencode({"run": run_name, "tag": "epoch_loss"}))
+    try:
+        deadline, points = time.time() + 60, None
+        while time.time() < deadline and points is None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert points is not None, "tensorboard did not answer within 60 s"
+        assert [step for _, step, _ in points] == [0, 1]
+        assert all(value > 0 for _, _, value in points)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_run_folders_are_unique_within_one_second(tmp_path):
+    folders = {main.make_run_dir(tmp_path) for _ in range(3)}
+    assert len(folders) == 3 and all(f.is_dir() for f in folders)
+
+
+def test_metrics_write_that_fails_leaves_previous_file_and_no_temp(tmp_path):
+    target = tmp_path / "metrics.json"
+    main.write_json_atomically(target, {"val_accuracy": 0.5})
+    circular = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError):
+        main.write_json_atomically(target, circular)
+    assert json.loads(target.read_text()) == {"val_accuracy": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
