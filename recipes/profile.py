@@ -1,0 +1,425 @@
+"""Where the training time goes: profiler trace, utilization, memory, input-bound verdict.
+
+Shows: a short training of a small CNN that answers "is the device busy, or
+waiting for data?" three ways at once.
+  1. A TensorBoard profiler trace of chosen steps (--profile_steps=10,15),
+     opened by the Profile tab (tensorboard-plugin-profile): the trace viewer,
+     the per-op table and the input-pipeline analysis.
+  2. A monitor thread that samples every --sample_seconds: this process's CPU %
+     (100 = one core busy), the machine's CPU %, resident memory (RSS) and, on
+     NVIDIA GPUs, utilization %, memory used and power from `nvidia-smi` (or
+     NVML when nvidia-ml-py is installed), plus TensorFlow's peak GPU memory.
+     They are TensorBoard scalars in the same run, at the same step and wall
+     time as the loss, so a dip in GPU utilization lines up with what the
+     training loop was doing then.
+  3. An input-bound verdict: each step is split into the time spent waiting
+     for the next batch (`next(iterator)`) and the time in the train step; the
+     waiting share, as a percentage, decides the advice (prefetch, parallel
+     map calls, cache, a larger batch; or, when the input keeps up, the levers
+     of the step itself).
+  With no NVIDIA GPU the GPU series are simply absent and the output says so.
+  The loop is the Keras 3 "training loop from scratch" (a tf.function train
+  step over a tf.data iterator) because model.fit fetches each batch inside
+  its compiled step, where the wait cannot be timed apart; with fit, the same
+  trace comes from keras.callbacks.TensorBoard(profile_batch=(10, 15)).
+Run:    python main.py --recipe=profile --profile_steps=10,15
+        python main.py --recipe=profile --input_delay_ms=20 --prefetch=false
+                                            # a deliberately slow input
+        python main.py --recipe=profile --input_delay_ms=20 --parallel_calls=0
+                                            # the same input, parallel + prefetched
+Expect: on the default shapes data (6,000 28x28 images, batch 64, 2 epochs,
+        2 shared CPU cores): about 2% of step time waits for data (verdict:
+        compute-bound), steps take about 6 ms; with --input_delay_ms=20
+        --prefetch=false about 75% waits (input-bound) and examples/s drops
+        about 4x; --parallel_calls=0 (AUTOTUNE) with prefetch brings it back
+        under 20%. No GPU here, so the GPU series are absent.
+        `tensorboard --logdir runs` -> Profile tab lists the run's trace;
+        Time Series shows loss and monitor/* on one step/wall-time axis.
+Copy:   this file alone works in any project with tensorflow, keras, psutil
+        and tensorboard-plugin-profile (for viewing the trace):
+        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))).
+"""
+import contextlib
+import dataclasses
+import glob
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import keras
+import numpy as np
+import psutil
+import tensorflow as tf
+
+# What main.py feeds this recipe: arrays of 28x28 gray images by default.
+DATA = {"form": "arrays", "image_size": 28, "channels": 1}
+DEFAULT_DATASET = "shapes"
+HEADLINE = ("input_wait_percent", "input_bound", "step_time_ms_p50", "input_wait_ms_p50",
+            "examples_per_sec", "cpu_percent_mean", "rss_mb_max", "gpu_count",
+            "val_accuracy", "wall_time_s")
+
+GPU_QUERY = ("index", "utilization.gpu", "memory.used", "power.draw")
+
+
+@dataclasses.dataclass
+class Config:
+    epochs: int = 2  # training epochs
+    batch_size: int = 64  # examples per training step
+    steps_per_epoch: int | None = None  # optional cap on steps per epoch (default: one pass)
+    learning_rate: float = 1e-3  # Adam learning rate
+    profile_steps: tuple[int, ...] = (10, 15)  # first,last training step to trace (1-based,
+    # inclusive); the trace lands in <run>/plugins/profile for TensorBoard's Profile tab
+    sample_seconds: float = 0.5  # monitor sampling period (CPU %, RSS, GPU util/memory/power)
+    input_delay_ms: float = 0.0  # sleep per batch in the input pipeline: a deliberately slow
+    # input (a stand-in for decoding or augmentation) to see the verdict flip
+    parallel_calls: int = 1  # parallel calls of that slow map (1: in line); 0 means tf.data.AUTOTUNE
+    prefetch: bool = True  # overlap input with training: .prefetch(tf.data.AUTOTUNE)
+    input_bound_percent: float = 20.0  # verdict: input-bound when waiting for data is over
+    # this share of step time
+    warmup_steps: int = 5  # first steps left out of timings (they trace and compile)
+    seed: int = 0  # initial weights and shuffling
+
+    def __post_init__(self):
+        self.profile_steps = tuple(self.profile_steps)
+        if len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ValueError(f"--profile_steps must be FIRST,LAST with 1 <= FIRST <= LAST, "
+                             f"got {','.join(map(str, self.profile_steps))}; e.g. --profile_steps=10,15")
+        if self.epochs < 1 or self.batch_size < 1 or (self.steps_per_epoch or 1) < 1:
+            raise ValueError("--epochs, --batch_size and --steps_per_epoch must be at least 1")
+        if self.sample_seconds <= 0:
+            raise ValueError(f"--sample_seconds must be > 0, got {self.sample_seconds}")
+        if self.input_delay_ms < 0 or self.parallel_calls < 0 or self.warmup_steps < 0:
+            raise ValueError("--input_delay_ms, --parallel_calls and --warmup_steps must be >= 0")
+        if self.learning_rate <= 0 or not 0 < self.input_bound_percent < 100:
+            raise ValueError("--learning_rate must be > 0 and --input_bound_percent in (0, 100)")
+
+
+# --- model and input pipeline ---------------------------------------------------
+
+def build_model(input_shape, num_classes):
+    """A small CNN: two conv blocks and a dense head, logits out."""
+    return keras.Sequential([
+        keras.Input(shape=input_shape),
+        keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(num_classes),
+    ])
+
+
+def make_dataset(x, y, batch_size, seed, delay_ms=0.0, parallel_calls=1, prefetch=True,
+                 shuffle=True, repeat=True):
+    """In-memory tf.data pipeline; `delay_ms` adds a slow per-batch step (a tf.py_function sleep)."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(min(batch_size, len(x)), drop_remainder=True)
+    if repeat:
+        ds = ds.repeat()
+    if delay_ms > 0:
+        def slow(images, labels):
+            def sleep(images):
+                time.sleep(delay_ms / 1000)  # releases the GIL, like real decoding in C
+                return images
+            images = tf.py_function(sleep, [images], images.dtype)
+            return tf.ensure_shape(images, ds.element_spec[0].shape), labels
+        # parallel_calls=1 maps in line (a parallel map would buffer ahead, a hidden prefetch)
+        ds = ds.map(slow, num_parallel_calls=None if parallel_calls == 1
+                    else parallel_calls or tf.data.AUTOTUNE)
+    if prefetch:
+        return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()  # tf.data would otherwise add the prefetch on its own
+    options.experimental_optimization.inject_prefetch = False
+    options.experimental_optimization.map_parallelization = False
+    return ds.with_options(options)
+
+
+# --- the monitor ----------------------------------------------------------------
+
+def parse_nvidia_smi(text):
+    """`nvidia-smi --query-gpu=index,utilization.gpu,memory.used,power.draw
+    --format=csv,noheader,nounits` output -> [{index, utilization_percent,
+    memory_used_mb, power_w}]; fields shown as [N/A] are left out."""
+    names = ("utilization_percent", "memory_used_mb", "power_w")
+    gpus = []
+    for line in text.strip().splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != len(GPU_QUERY) or not cells[0].isdigit():
+            continue
+        gpu = {"index": int(cells[0])}
+        for name, cell in zip(names, cells[1:]):
+            try:
+                gpu[name] = float(cell)
+            except ValueError:  # "[N/A]", "[Not Supported]"
+                pass
+        gpus.append(gpu)
+    return gpus
+
+
+def query_gpus():
+    """[{index, utilization_percent, memory_used_mb, power_w}] of NVIDIA GPUs, [] when none."""
+    try:
+        import pynvml  # nvidia-ml-py, if installed: no process spawn per sample
+        pynvml.nvmlInit()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            gpu = {"index": i,
+                   "utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                   "memory_used_mb": pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20}
+            with contextlib.suppress(pynvml.NVMLError):
+                gpu["power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000
+            gpus.append(gpu)
+        return gpus
+    except Exception:  # not installed, or no driver: fall back to nvidia-smi
+        pass
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_QUERY)}",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
+
+
+class Monitor:
+    """Samples CPU %, RSS and NVIDIA GPU figures every `seconds` in a background thread.
+
+    Each sample is written at once as TensorBoard scalars (monitor/...) with the
+    step that `current_step()` returns, so it shares the loss's step and wall-time
+    axes. Use as a context manager; `summary()` gives means and maxima.
+    """
+
+    def __init__(self, writer, seconds, current_step=lambda: 0):
+        self.writer, self.seconds, self.current_step = writer, seconds, current_step
+        self.samples = []
+        self.process = psutil.Process()
+        self.gpus_found = bool(query_gpus())
+        self.tf_gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="monitor", daemon=True)
+
+    def __enter__(self):
+        self.process.cpu_percent(None)  # the first call only sets the baseline
+        psutil.cpu_percent(None)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._record(self.sample())  # one last sample at the end of training
+
+    def _loop(self):
+        while not self._stop.wait(self.seconds):
+            self._record(self.sample())
+
+    def sample(self):
+        """One flat {name: value} reading of this process and the GPUs."""
+        values = {"cpu_percent": self.process.cpu_percent(None),
+                  "system_cpu_percent": psutil.cpu_percent(None),
+                  "rss_mb": self.process.memory_info().rss / 2**20}
+        for gpu in query_gpus() if self.gpus_found else []:
+            for key, value in gpu.items():
+                if key != "index":
+                    values[f"gpu{gpu['index']}_{key}"] = value
+        for i, name in enumerate(self.tf_gpus):
+            with contextlib.suppress(ValueError):
+                peak = tf.config.experimental.get_memory_info(name.split("device:")[-1])["peak"]
+                values[f"gpu{i}_tf_peak_memory_mb"] = peak / 2**20
+        return values
+
+    def _record(self, values):
+        step = self.current_step()
+        self.samples.append({"step": step, **values})
+        with self.writer.as_default():
+            for key, value in values.items():
+                tf.summary.scalar(f"monitor/{key}", value, step=step)
+
+    def summary(self):
+        """Flat mean/max of each series over the samples (e.g. cpu_percent_mean, rss_mb_max)."""
+        out = {"monitor_samples": len(self.samples)}
+        keys = sorted({k for s in self.samples for k in s} - {"step"})
+        for key in keys:
+            series = np.array([s[key] for s in self.samples if key in s], dtype=float)
+            out[f"{key}_mean"] = float(series.mean())
+            out[f"{key}_max"] = float(series.max())
+        return out
+
+
+# --- the profiler and the timed loop --------------------------------------------
+
+class StepProfiler:
+    """Starts the TensorFlow profiler before step `first` and stops it after step `last`."""
+
+    def __init__(self, log_dir, first, last):
+        self.log_dir, self.first, self.last = log_dir, first, last
+        self.running = False
+
+    def before(self, step):
+        if step == self.first:
+            tf.profiler.experimental.start(self.log_dir)
+            self.running = True
+
+    def after(self, step):
+        if step == self.last and self.running:
+            self.stop()
+
+    def stop(self):
+        if self.running:
+            self.running = False
+            tf.profiler.experimental.stop()
+
+
+def make_train_step(model, loss_fn, optimizer):
+    """The compiled step: forward, loss, gradients, update; returns the loss."""
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+    return train_step
+
+
+def timed_training(train_step, dataset, total_steps, writer, profiler, on_step=lambda step: None):
+    """Runs `total_steps` steps; returns (wait_seconds, step_seconds, losses) per step.
+
+    wait = time in next(iterator) (the input pipeline's share); step = time in
+    the train step until its loss is on the host (the compute's share). Each
+    step is a profiler step marker, so the Profile tab's step-time graph and
+    input-pipeline analysis see the same boundaries.
+    """
+    iterator = iter(dataset)
+    waits, steps, losses = [], [], []
+    try:
+        for step in range(1, total_steps + 1):
+            profiler.before(step)
+            with tf.profiler.experimental.Trace("train", step_num=step, _r=1):
+                t0 = time.perf_counter()
+                x, y = next(iterator)
+                t1 = time.perf_counter()
+                loss = float(train_step(x, y))
+                t2 = time.perf_counter()
+            profiler.after(step)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at step {step}; "
+                                         "lower --learning_rate")
+            waits.append(t1 - t0)
+            steps.append(t2 - t1)
+            losses.append(loss)
+            on_step(step)
+            with writer.as_default(step=step):
+                tf.summary.scalar("loss", loss)
+                tf.summary.scalar("input_wait_ms", 1000 * (t1 - t0))
+                tf.summary.scalar("step_time_ms", 1000 * (t2 - t1))
+    finally:
+        profiler.stop()
+    return waits, steps, losses
+
+
+# --- the verdict ----------------------------------------------------------------
+
+def input_bound_verdict(wait_seconds, step_seconds, threshold_percent, prefetch=True,
+                        parallel_calls=1, slow_map=False):
+    """(percent of time waiting for data, input-bound?, advice lines)."""
+    wait, step = float(np.sum(wait_seconds)), float(np.sum(step_seconds))
+    percent = 100 * wait / (wait + step) if wait + step > 0 else 0.0
+    if percent > threshold_percent:
+        advice = [f"input-bound: {percent:.0f}% of each step waits for the next batch "
+                  f"(over {threshold_percent:g}%); the device idles meanwhile. Try, in order:"]
+        if not prefetch:
+            advice.append("- .prefetch(tf.data.AUTOTUNE) at the end of the pipeline, so the "
+                          "next batch is made while this one trains")
+        if slow_map and parallel_calls == 1:
+            advice.append("- map(..., num_parallel_calls=tf.data.AUTOTUNE) for the slow step, "
+                          "so several batches are made at once")
+        advice += ["- .cache() after the expensive, deterministic steps (decoding, resizing), "
+                   "so later epochs skip them",
+                   "- a larger batch: fewer, bigger steps spread the per-batch overhead"]
+    else:
+        advice = [f"compute-bound: only {percent:.0f}% of step time waits for data "
+                  f"(at most {threshold_percent:g}%); the input keeps up. Speed now comes "
+                  "from the step itself: a larger batch, mixed precision, XLA "
+                  "(jit_compile=True), a faster device"]
+    return percent, percent > threshold_percent, advice
+
+
+def _ms(seconds, q):
+    return 1000 * float(np.percentile(seconds, q))
+
+
+def run(config, run_dir, data):
+    """Trains with the profiler and the monitor on; returns flat metrics for metrics.json."""
+    start = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    (x_train, y_train), (x_val, y_val) = data
+    batch_size = min(config.batch_size, len(x_train))
+    steps_per_epoch = config.steps_per_epoch or len(x_train) // batch_size
+    total_steps = config.epochs * steps_per_epoch
+    first, last = config.profile_steps
+    if last > total_steps:
+        raise ValueError(f"--profile_steps={first},{last} is past the run's {total_steps} steps "
+                         f"({config.epochs} epochs x {steps_per_epoch}); lower it or raise --epochs")
+    num_classes = max(2, int(np.max(y_train)) + 1)
+    model = build_model(x_train.shape[1:], num_classes)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    model.compile(optimizer=optimizer, loss=loss_fn, metrics=["accuracy"])
+    train_ds = make_dataset(x_train, y_train, batch_size, config.seed, config.input_delay_ms,
+                            config.parallel_calls, config.prefetch)
+    writer = tf.summary.create_file_writer(run_dir)
+    profiler = StepProfiler(run_dir, first, last)
+    current = {"step": 0}
+    monitor = Monitor(writer, config.sample_seconds, lambda: current["step"])
+    print("GPUs: " + (", ".join(monitor.tf_gpus) or "none seen by TensorFlow") + "; "
+          + ("nvidia-smi/NVML series are logged" if monitor.gpus_found else
+             "no NVIDIA GPU found (no nvidia-smi or NVML): GPU series are absent, "
+             "CPU and memory only"))
+    print(f"training {total_steps} steps of {batch_size}; tracing steps {first}-{last}")
+    with monitor:
+        waits, steps, losses = timed_training(
+            make_train_step(model, loss_fn, optimizer), train_ds, total_steps, writer, profiler,
+            on_step=lambda step: current.__setitem__("step", step))
+    val_loss, val_accuracy = model.evaluate(
+        make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False, repeat=False),
+        verbose=0)
+    writer.flush()
+    writer.close()
+
+    skip = config.warmup_steps if total_steps > config.warmup_steps else 1
+    waits, steps = np.array(waits[skip:] or waits), np.array(steps[skip:] or steps)
+    percent, bound, advice = input_bound_verdict(
+        waits, steps, config.input_bound_percent, config.prefetch, config.parallel_calls,
+        config.input_delay_ms > 0)
+    traces = sorted(glob.glob(os.path.join(run_dir, "plugins", "profile", "*", "*.xplane.pb")))
+    stats = monitor.summary()
+    print(f"\n{'':>12} {'p50 ms':>8} {'p90 ms':>8} {'share':>6}")
+    print(f"{'input wait':>12} {_ms(waits, 50):>8.2f} {_ms(waits, 90):>8.2f} {percent:>5.0f}%")
+    print(f"{'train step':>12} {_ms(steps, 50):>8.2f} {_ms(steps, 90):>8.2f} {100 - percent:>5.0f}%")
+    print(f"monitor: {stats['monitor_samples']} samples, CPU {stats['cpu_percent_mean']:.0f}% "
+          f"mean (100 = one core), RSS max {stats['rss_mb_max']:.0f} MB"
+          + ("" if monitor.gpus_found else "; no GPU series (no NVIDIA GPU)"))
+    print("trace: " + (traces[-1] if traces else "none written")
+          + f"\n  view: tensorboard --logdir {run_dir}  (Profile tab)")
+    print("\n".join(advice))
+    return {
+        "input_wait_percent": percent,
+        "input_bound": bound,
+        "input_wait_ms_p50": _ms(waits, 50), "input_wait_ms_p90": _ms(waits, 90),
+        "step_time_ms_p50": _ms(steps, 50), "step_time_ms_p90": _ms(steps, 90),
+        "examples_per_sec": batch_size * len(steps) / float(np.sum(waits) + np.sum(steps)),
+        "gpu_count": len(monitor.tf_gpus),
+        **stats,
+        "loss": losses[-1], "val_loss": float(val_loss), "val_accuracy": float(val_accuracy),
+        "profile_trace": traces[-1] if traces else "",
+        "wall_time_s": time.perf_counter() - start,
+    }
