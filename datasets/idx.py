@@ -60,7 +60,8 @@ def read_idx_folder(folder):
             raise DataError(f"{folder / FILES['x_' + split]} and {FILES['y_' + split]} "
                             "are swapped or not image/label files")
         if len(x) != len(y):
-            raise DataError(f"{folder}: {len(x)} {split} images but {len(y)} labels")
+            raise DataError(f"{folder / FILES['x_' + split]} has {len(x)} images but "
+                            f"{FILES['y_' + split]} has {len(y)} labels")
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 

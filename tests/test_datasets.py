@@ -1,0 +1,154 @@
+"""datasets/: the generated default, idx files, class folders, the toy."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+from datasets import folder, idx, shapes
+from datasets.errors import DataError
+
+
+def test_shapes_is_deterministic_for_a_seed():
+    a, labels_a = shapes.generate(30, seed=3)
+    b, labels_b = shapes.generate(30, seed=3)
+    c, _ = shapes.generate(30, seed=4)
+    assert np.array_equal(a, b) and np.array_equal(labels_a, labels_b)
+    assert not np.array_equal(a, c)
+
+
+def test_shapes_prefix_does_not_depend_on_set_size():
+    small, _ = shapes.generate(10, seed=0)
+    large, _ = shapes.generate(50, seed=0)
+    assert np.array_equal(small, large[:10])
+
+
+def test_shapes_any_geometry_and_balanced_classes():
+    (x, y), (x_val, y_val) = shapes.load(40, 20, image_size=64, channels=3, seed=0)
+    assert x.shape == (40, 64, 64, 3) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert np.bincount(y).tolist() == [4] * 10
+    train_set = {a.tobytes() for a in x}
+    assert not any(v.tobytes() in train_set for v in x_val)  # validation is disjoint
+
+
+def test_shapes_is_learnable_but_not_trivial():
+    """A small CNN gets well above chance (10%) in a few epochs, but not to 100%."""
+    import keras
+    keras.utils.set_random_seed(0)
+    (x, y), (x_val, y_val) = shapes.load(3000, 500, seed=0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y, epochs=4, batch_size=64, verbose=0)
+    _, accuracy = model.evaluate(x_val, y_val, verbose=0)
+    assert 0.25 < accuracy < 1.0
+
+
+def test_shapes_folder_is_written_once_and_reused(tmp_path):
+    root = shapes.cached_folder(20, 10, image_size=32, channels=3, cache_dir=tmp_path)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert classes == sorted(shapes.CLASS_NAMES)
+    files = list((root / "train").glob("*/*.jpg"))
+    assert len(files) == 20 and len(list((root / "validation").glob("*/*.jpg"))) == 10
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    stamp = files[0].stat().st_mtime_ns
+    assert shapes.cached_folder(20, 10, image_size=32, channels=3, cache_dir=tmp_path) == root
+    assert files[0].stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith("train.")]
+
+
+def write_idx(path, magic, shape, data):
+    header = struct.pack(">II", magic, shape[0]) + b"".join(struct.pack(">I", d) for d in shape[1:])
+    with gzip.open(path, "wb") as f:
+        f.write(header + data)
+
+
+def write_idx_set(folder, n_train=6, n_test=4):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", 2051, images.shape, images.tobytes())
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", 2049, labels.shape, labels.tobytes())
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def test_idx_files_read_back_exactly(tmp_path):
+    written = write_idx_set(tmp_path)
+    (x, y), (x_test, y_test) = idx.load("fashion_mnist", tmp_path)
+    assert np.array_equal(x, written["train"][0]) and np.array_equal(y, written["train"][1])
+    assert np.array_equal(x_test, written["t10k"][0]) and np.array_equal(y_test, written["t10k"][1])
+
+
+def test_idx_as_recipe_arrays_are_scaled_with_a_channel_axis(tmp_path):
+    write_idx_set(tmp_path)
+    (x, y), (x_val, _) = datasets.load("mnist", tmp_path)
+    assert x.shape == (6, 28, 28, 1) and x.dtype == np.float32 and x.max() <= 1
+    assert x_val.shape == (4, 28, 28, 1)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:20]), "not a readable idx file"),
+    (lambda p: write_idx(p, 2051, (6, 28, 28), bytes(100)), "truncated"),
+    (lambda p: write_idx(p, 1234, (6, 28, 28), bytes(6 * 28 * 28)), "magic number 1234"),
+    (lambda p: write_idx(p, 2051, (5, 28, 28), bytes(5 * 28 * 28)), "has 5 images but train-labels-idx1-ubyte.gz has 6 labels"),
+])
+def test_corrupt_idx_file_is_named_in_the_error(tmp_path, damage, message):
+    write_idx_set(tmp_path)
+    damage(tmp_path / "train-images-idx3-ubyte.gz")
+    with pytest.raises(DataError, match=message) as error:
+        idx.load("mnist", tmp_path)
+    assert "train" in str(error.value)
+
+
+def test_missing_idx_files_name_data_dir(tmp_path):
+    with pytest.raises(DataError, match="--data_dir=.* lacks train-images-idx3-ubyte.gz"):
+        idx.load("mnist", tmp_path)
+
+
+def make_class_tree(root, classes=("cats", "dogs"), per_class=5, size=12):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size + i, size), (40 * c, 90, 200)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_directory_uses_train_and_val_subtrees(tmp_path):
+    make_class_tree(tmp_path / "train")
+    make_class_tree(tmp_path / "val", per_class=2)
+    (x, y), (x_val, y_val) = datasets.load("directory", tmp_path, image_size=16, channels=3)
+    assert x.shape == (10, 16, 16, 3) and x_val.shape == (4, 16, 16, 3)
+    assert sorted(set(y.tolist())) == [0, 1]
+
+
+def test_directory_without_subtrees_gets_a_seeded_split(tmp_path):
+    make_class_tree(tmp_path, per_class=10)
+    first = datasets.load("directory", tmp_path, image_size=8, channels=1, seed=1)
+    again = datasets.load("directory", tmp_path, image_size=8, channels=1, seed=1)
+    (x, _), (x_val, _) = first
+    assert len(x) == 16 and len(x_val) == 4
+    assert np.array_equal(first[1][0], again[1][0])
+
+
+def test_directory_with_one_class_is_rejected(tmp_path):
+    make_class_tree(tmp_path, classes=("only",))
+    with pytest.raises(DataError, match="one class folder"):
+        folder.find_tree(tmp_path)
+
+
+def test_threshold_toy_is_x_above_half():
+    (x, y), _ = datasets.load("threshold")
+    assert x[:, 0].tolist() == pytest.approx([0.1, 0.3, 0.6, 0.9])
+    assert y.tolist() == [0, 0, 1, 1]
