@@ -1,0 +1,190 @@
+"""The profile recipe: a trace TensorBoard's Profile tab opens, monitor scalars
+beside the loss, and an input-bound verdict that follows the input pipeline."""
+import contextlib
+import gzip
+import io
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import ENV, error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
+
+from recipes import profile  # noqa: E402  (conftest puts the repo on sys.path)
+
+# 60 training images at batch 8: 7 steps an epoch, 14 in two epochs.
+TINY = dict(epochs=2, batch_size=8, profile_steps=(3, 5), sample_seconds=0.05, warmup_steps=2)
+
+
+def tiny_data():
+    from datasets import shapes
+    return shapes.load(60, 20, image_size=28, channels=1, seed=0)
+
+
+def run_quietly(config, run_dir, data):
+    """run() with its printout captured: (metrics, text printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        metrics = profile.run(config, str(run_dir), data)
+    return metrics, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """One tiny profiled run shared by the tests that only read what it wrote."""
+    run_dir = tmp_path_factory.mktemp("profiled")
+    metrics, printed = run_quietly(profile.Config(**TINY), run_dir, tiny_data())
+    return metrics, run_dir, printed
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":  # the profile plugin gzips
+            body = gzip.decompress(body)
+        return json.loads(body)
+
+
+def test_profile_run_writes_trace_that_tensorboard_profile_tab_lists(profiled):
+    metrics, run_dir, _ = profiled
+    traces = list(run_dir.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert metrics["profile_trace"] == str(traces[0])
+    session = traces[0].parent.name
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    runs, deadline = None, time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                runs = get_json(f"http://127.0.0.1:{port}/data/plugin/profile/runs")
+                plugins = get_json(f"http://127.0.0.1:{port}/data/plugins_listing")
+                break
+            except OSError:  # not listening yet
+                assert server.poll() is None, "tensorboard exited early"
+                time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert runs is not None, "tensorboard did not answer within 60 s"
+    assert "profile" in plugins
+    assert session in [pathlib.PurePath(run).name for run in runs], runs
+
+
+def test_monitor_scalars_share_the_loss_step_and_time_axis(profiled):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    metrics, run_dir, _ = profiled
+    tags = read_tensorboard_tags(run_dir)
+    assert len(tags["loss"]) == 14
+    assert min(tags["monitor/rss_mb"]) > 10  # MB: a real reading of this process
+    assert all(0 <= v for v in tags["monitor/cpu_percent"])
+    assert metrics["monitor_samples"] == len(tags["monitor/cpu_percent"]) >= 2
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    loss, rss = acc.Tensors("loss"), acc.Tensors("monitor/rss_mb")
+    # Monitor samples carry the training step they were taken at, on the loss's axis...
+    assert {e.step for e in rss} <= set(range(0, 15))
+    assert rss[-1].step == loss[-1].step == 14
+    # ...and wall times inside the training's own time span.
+    assert loss[0].wall_time - 1 < rss[len(rss) // 2].wall_time < loss[-1].wall_time + 1
+
+
+def test_gpu_series_present_only_with_an_nvidia_gpu_and_output_says_so(profiled):
+    metrics, run_dir, printed = profiled
+    gpu_tags = [t for t in read_tensorboard_tags(run_dir) if t.startswith("monitor/gpu")]
+    if profile.query_gpus():
+        assert "monitor/gpu0_utilization_percent" in gpu_tags
+        assert "gpu0_memory_used_mb_max" in metrics
+    else:
+        assert gpu_tags == []
+        assert not any(key.startswith("gpu0") for key in metrics)
+        assert "no NVIDIA GPU" in printed
+
+
+def test_nvidia_smi_csv_parses_to_gpu_series():
+    text = "0, 87, 12034, 250.31\n1, 0, 3, [N/A]\n"
+    assert profile.parse_nvidia_smi(text) == [
+        {"index": 0, "utilization_percent": 87.0, "memory_used_mb": 12034.0, "power_w": 250.31},
+        {"index": 1, "utilization_percent": 0.0, "memory_used_mb": 3.0}]
+    assert profile.parse_nvidia_smi("NVIDIA-SMI has failed\n") == []
+
+
+def test_verdict_flips_when_the_input_pipeline_is_slow(tmp_path):
+    data = tiny_data()
+    common = dict(TINY, input_bound_percent=50.0)
+    fast, _ = run_quietly(profile.Config(**common), tmp_path / "fast", data)
+    slow, printed = run_quietly(
+        profile.Config(**common, input_delay_ms=40.0, prefetch=False), tmp_path / "slow", data)
+    assert fast["input_bound"] is False and fast["input_wait_percent"] < 50
+    assert slow["input_bound"] is True and slow["input_wait_percent"] > 50
+    assert slow["input_wait_ms_p50"] >= 35  # the 40 ms sleep is waited for, not hidden
+    assert "input-bound" in printed and ".prefetch(tf.data.AUTOTUNE)" in printed
+
+
+def test_verdict_arithmetic_and_advice_on_fixed_timings():
+    percent, bound, advice = profile.input_bound_verdict(
+        [0.03] * 10, [0.01] * 10, 20, prefetch=False, parallel_calls=1, slow_map=True)
+    assert percent == pytest.approx(75) and bound
+    text = "\n".join(advice)
+    assert "prefetch" in text and "num_parallel_calls" in text and "cache" in text
+    _, _, advice = profile.input_bound_verdict([0.03], [0.01], 20, prefetch=True, slow_map=False)
+    assert "prefetch(" not in "\n".join(advice) and "num_parallel_calls" not in "\n".join(advice)
+    percent, bound, advice = profile.input_bound_verdict([0.001] * 4, [0.009] * 4, 20)
+    assert percent == pytest.approx(10) and not bound and advice[0].startswith("compute-bound")
+
+
+def test_profile_steps_past_the_run_is_rejected_before_training(tmp_path):
+    config = profile.Config(epochs=1, batch_size=8, steps_per_epoch=3, profile_steps=(2, 5))
+    with pytest.raises(ValueError, match="--profile_steps=2,5 is past the run's 3 steps"):
+        profile.run(config, str(tmp_path), tiny_data())
+    assert not (tmp_path / "plugins").exists()
+
+
+def test_cli_bad_profile_steps_is_one_line_error(tmp_path):
+    result = run_cli("--recipe=profile", "--profile_steps=15,10", f"--logdir={tmp_path}")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "--profile_steps" in lines[0] and "FIRST <= LAST" in lines[0]
+    assert not (tmp_path / "profile").exists()
+
+
+def test_cli_run_prints_verdict_and_writes_metrics(tmp_path):
+    result = run_cli("--recipe=profile", "--epochs=1", "--steps_per_epoch=6", "--batch_size=16",
+                     "--profile_steps=2,3", "--sample_seconds=0.1", f"--logdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path, "profile")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= metrics["input_wait_percent"] <= 100 and metrics["step_time_ms_p50"] > 0
+    assert list(run_dir.glob("plugins/profile/*/*.xplane.pb"))
+    assert "bound:" in result.stdout and "input_wait_percent" in result.stdout
+
+
+def test_recipe_file_works_dropped_in_alone(tmp_path):
+    script = (
+        "import pathlib, numpy as np, profile\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.random((40, 12, 12, 1), dtype=np.float32); y = rng.integers(0, 3, 40)\n"
+        "m = profile.run(profile.Config(epochs=1, batch_size=8, profile_steps=(1, 2),\n"
+        "                               sample_seconds=0.05), 'logs', ((x, y), (x[:16], y[:16])))\n"
+        "assert list(pathlib.Path('logs').glob('plugins/profile/*/*.xplane.pb'))\n"
+        "print('WAIT', m['input_wait_percent'], m['monitor_samples'])\n")
+    result = run_dropin("profile.py", script, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "WAIT" in result.stdout
