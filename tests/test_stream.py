@@ -1,0 +1,179 @@
+"""The stream recipe: ImageDataGenerator vs tf.data on image folders, bad files included."""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
+
+SIZE = 32  # images are written at the size the tests train on: no resizing differences
+TINY = dict(epochs=1, batch_size=4, image_size=SIZE, warmup_steps=1, input_batches=3)
+
+
+def write_tree(root, classes=("bright", "dark"), per_class=6):
+    """root/<class>/<i>.jpg: noisy bright or dark 32x32 RGB JPEGs."""
+    for label, name in enumerate(classes):
+        folder = pathlib.Path(root) / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([label, i])
+            base = 200 if label == 0 else 50
+            pixels = np.clip(rng.normal(base, 20, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=95)
+    return pathlib.Path(root)
+
+
+def add_bad_and_odd_files(root):
+    """The files that crash the stock loaders, plus colour modes both must convert."""
+    bright, dark = root / "bright", root / "dark"
+    whole = (bright / "0.jpg").read_bytes()
+    (bright / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (bright / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    (dark / "zero.jpg").write_bytes(b"")
+    rgb = Image.open(dark / "0.jpg").convert("RGB")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(dark / "alpha.png")
+    rgb.convert("L").save(dark / "gray.jpg")
+    rgb.convert("CMYK").save(dark / "cmyk.jpg")
+    (bright / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (dark / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    return ["truncated.jpg", "notes.jpg", "zero.jpg"]
+
+
+@pytest.fixture(scope="module")
+def stream():
+    from recipes import stream
+    return stream
+
+
+def test_compare_skips_bad_files_uses_odd_colour_modes_and_reports_both_loaders(
+        stream, tmp_path, capsys):
+    root = write_tree(tmp_path / "data")
+    bad = add_bad_and_odd_files(root)
+    val_root = write_tree(tmp_path / "val", per_class=2)
+    metrics = stream.run(stream.Config(compare=True, **TINY), str(tmp_path / "run"),
+                         (root, val_root))
+    # 12 good + RGBA PNG, gray and CMYK JPEGs; the 3 broken files are skipped, 2 hidden ignored
+    assert metrics["train_images"] == 15 and metrics["val_images"] == 4
+    assert metrics["skipped_files"] == 3 and metrics["hidden_files"] == 2
+    assert sorted(p.split(":")[0].rsplit("/", 1)[1] for p in metrics["skipped_file_paths"]) == \
+        sorted(bad)
+    out = capsys.readouterr().out
+    assert "skipped 3 unreadable image file(s)" in out and all(name in out for name in bad)
+    for loader in ("generator", "tf_data"):
+        for key in ("input_images_per_sec", "train_images_per_sec", "peak_rss_mb",
+                    "val_accuracy"):
+            assert metrics[f"{loader}_{key}"] > 0, (loader, key)
+    assert metrics["speedup"] == pytest.approx(
+        metrics["tf_data_train_images_per_sec"] / metrics["generator_train_images_per_sec"])
+    tags = read_tensorboard_tags(tmp_path / "run" / "summary" / "tf_data")
+    assert {"stream/train_images_per_sec", "stream/peak_rss_mb"} <= set(tags)
+    assert "epoch_loss" in read_tensorboard_tags(tmp_path / "run" / "generator" / "train")
+
+
+def test_on_bad_image_fail_names_the_file_before_training(stream, tmp_path):
+    root = write_tree(tmp_path / "data")
+    (root / "dark" / "broken.jpg").write_text("not a jpeg")
+    with pytest.raises(ValueError, match=r"dark/broken\.jpg.*--on_bad_image=skip"):
+        stream.run(stream.Config(on_bad_image="fail", **TINY), str(tmp_path / "run"), (root, None))
+    assert not (tmp_path / "run").exists()  # nothing was trained or logged
+
+
+def test_empty_class_folder_is_an_error_naming_it(stream, tmp_path):
+    root = write_tree(tmp_path / "data")
+    (root / "empty").mkdir()
+    (root / "empty" / ".DS_Store").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"class folder .*empty has no readable images"):
+        stream.run(stream.Config(**TINY), str(tmp_path / "run"), (root, None))
+
+
+def test_single_class_folder_is_an_error(stream, tmp_path):
+    root = write_tree(tmp_path / "data", classes=("only",))
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) \(only\).*at least two"):
+        stream.run(stream.Config(**TINY), str(tmp_path / "run"), (root, None))
+
+
+def test_both_loaders_give_the_same_classes_and_pixels(stream, tmp_path):
+    root = write_tree(tmp_path / "data", per_class=3)
+    add_bad_and_odd_files(root)
+    scan = stream.scan_folder(root, SIZE)
+    generator = stream.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
+                                      SIZE, batch_size=len(scan.paths), shuffle=False)
+    x_gen, y_gen = generator[0]
+    dataset, _ = stream.tf_data_pipeline(scan, SIZE, len(scan.paths), training=False)
+    x_tf, y_tf = (np.asarray(t) for t in next(iter(dataset)))
+    assert x_gen.shape == x_tf.shape == (9, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(y_gen.astype(int), y_tf)
+    assert list(y_tf) == scan.labels and scan.class_names == ["bright", "dark"]
+    assert 0 <= x_tf.min() and x_tf.max() <= 1
+    # The same decoded pixels (JPEG decoders may differ by a level or two; CMYK a little more).
+    assert np.abs(x_gen - x_tf).mean() < 2 / 255
+
+
+def test_cache_is_complete_after_fill_and_reused_by_a_later_run(stream, tmp_path):
+    root = write_tree(tmp_path / "data")
+    scan = stream.scan_folder(root, SIZE)
+    cache = str(tmp_path / "cache")
+    dataset, cached = stream.tf_data_pipeline(scan, SIZE, 4, training=True, cache=cache)
+    assert stream.fill_cache(cached) > 0
+    for path in map(pathlib.Path, scan.paths):  # from now on only the cache can serve them:
+        stat = path.stat()  # zeros of the same size and mtime (the cache's key) are not a JPEG
+        path.write_bytes(bytes(stat.st_size))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again, _ = stream.tf_data_pipeline(scan, SIZE, 4, training=True, cache=cache)
+    labels = np.concatenate([np.asarray(y) for _, y in again.take(2 * 3)])  # two epochs
+    assert sorted(labels) == sorted(scan.labels * 2)
+
+
+def test_augment_changes_images_but_keeps_shape_and_range(stream, tmp_path):
+    root = write_tree(tmp_path / "data", per_class=4)
+    scan = stream.scan_folder(root, SIZE)
+    plain, _ = stream.tf_data_pipeline(scan, SIZE, 8, training=True, cache="memory", seed=1)
+    augmented, _ = stream.tf_data_pipeline(scan, SIZE, 8, training=True, cache="memory",
+                                           augment=True, seed=1)
+    x_plain, x_aug = next(iter(plain))[0].numpy(), next(iter(augmented))[0].numpy()
+    assert x_aug.shape == x_plain.shape == (8, SIZE, SIZE, 3)
+    assert 0 <= x_aug.min() and x_aug.max() <= 1
+    assert np.abs(np.sort(x_aug, axis=None) - np.sort(x_plain, axis=None)).mean() > 1e-3
+
+
+def test_cli_lists_skipped_files_in_output_and_metrics_json(tmp_path):
+    root = write_tree(tmp_path / "data")
+    add_bad_and_odd_files(root)
+    result = run_cli("--recipe=stream", "--dataset=directory", f"--data_dir={root}",
+                     "--epochs=1", "--batch_size=4", f"--image_size={SIZE}", "--input_batches=2",
+                     f"--logdir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped 3 unreadable image file(s)" in result.stdout and "notes.jpg" in result.stdout
+    metrics = json.loads((only_run_dir(tmp_path / "runs", "stream") / "metrics.json").read_text())
+    assert metrics["skipped_files"] == 3 and metrics["tf_data_train_images_per_sec"] > 0
+
+
+def test_cli_on_bad_image_fail_is_one_line_naming_the_file_exit_2(tmp_path):
+    root = write_tree(tmp_path / "data")
+    (root / "bright" / "zero.jpg").write_bytes(b"")
+    result = run_cli("--recipe=stream", "--dataset=directory", f"--data_dir={root}",
+                     "--on_bad_image=fail", f"--logdir={tmp_path / 'runs'}")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "zero.jpg" in lines[0] and "--on_bad_image" in lines[0], lines
+    assert not list((tmp_path / "runs" / "stream").iterdir())  # the run folder was removed
+
+
+def test_generator_works_after_tfmot_import_and_recipe_is_dropin(tmp_path):
+    root = write_tree(tmp_path / "data")
+    script = f"""
+import tensorflow_model_optimization  # switches tf.keras to Keras 2; must not matter
+import stream
+m = stream.run(stream.Config(loader="generator", epochs=1, batch_size=4, image_size={SIZE},
+                             input_batches=2), "logs", ({str(root)!r}, None))
+assert m["generator_train_images_per_sec"] > 0 and m["train_images"] + m["val_images"] == 12, m
+print("OK", sorted(m)[:3])
+"""
+    result = run_dropin("stream.py", script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
