@@ -1,0 +1,440 @@
+"""Mixed precision: the one-line policy, and everything around it that makes it pay.
+
+Shows: `keras.mixed_precision.set_global_policy("mixed_float16")` (or
+"mixed_bfloat16") runs the layers' math in 16 bits while the weights stay in
+float32. The recipe picks the policy the hardware is fast at (--policy=auto,
+and says why), keeps the softmax in float32 and checks the output dtype,
+checks that mixed_float16 wraps the optimizer in a LossScaleOptimizer and logs
+the loss scale to TensorBoard, stops at the first NaN/Inf loss naming the step
+and policy, restores the global policy when it returns or fails, and advises
+on what blocks a speedup (widths not multiples of 8, tiny batches, a slow
+input pipeline). With --compare it trains float32 and the chosen policy from
+the same initial weights on the same batches, alternating epoch by epoch in
+one process, and reports the speedup, the accuracy/loss difference and memory.
+Run:    python main.py --recipe=mixed_precision --compare
+        KERAS_BACKEND=jax python main.py --recipe=mixed_precision --compare
+Expect: on a 2-core CPU with AVX512-BF16/AMX (no GPU), auto picks mixed_bfloat16;
+        --compare on the default data (2,000 64x64 RGB shapes, 4 epochs) shows
+        the speedup and val_accuracy_delta listed in the run summary (see the
+        numbers measured by benchmarks/mixed_precision.py). On an NVIDIA GPU
+        of compute capability 7.0+ auto picks mixed_float16.
+Copy:   this file alone works in any project with keras (TensorFlow or JAX
+        backend): run(Config(), "logs", ((x_train, y_train), (x_val, y_val))).
+        TensorFlow is optional: without it TensorBoard logging is skipped.
+"""
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import os
+import platform
+import resource
+import time
+import typing
+
+import keras
+import numpy as np
+
+# What main.py feeds this recipe: 64x64 RGB arrays, few enough for a quick --compare.
+DATA = {"form": "arrays", "image_size": 64, "channels": 3, "examples": (2000, 500)}
+DEFAULT_DATASET = "shapes"
+HEADLINE = ("policy", "examples_per_sec", "val_accuracy", "speedup", "val_accuracy_delta",
+            "float32_val_accuracy", "loss_scale", "wall_time_s")
+POLICIES = ("mixed_float16", "mixed_bfloat16", "float32")
+
+
+@dataclasses.dataclass
+class Config:
+    policy: typing.Literal["auto", "mixed_float16", "mixed_bfloat16", "float32"] = "auto"  # dtype
+    # policy; auto picks what this hardware computes fast and prints why
+    compare: bool = False  # also train float32 from the same weights and report the speedup
+    epochs: int = 4  # training epochs (per policy)
+    batch_size: int = 64  # examples per step; multiples of 8 suit 16-bit hardware
+    learning_rate: float = 1e-3  # Adam learning rate
+    filters: tuple[int, ...] = (32, 64, 128)  # conv channels per block; keep multiples of 8
+    dense_units: int = 128  # width of the hidden dense layer; keep a multiple of 8
+    warmup_steps: int = 3  # first steps of each model left out of throughput (they compile)
+    steps_per_epoch: int | None = None  # optional cap on steps per epoch
+    seed: int = 0  # initial weights and batch order
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.warmup_steps < 0:
+            raise ValueError("--epochs and --batch_size must be >= 1, --warmup_steps >= 0")
+        if not self.filters or min(self.filters) < 1 or self.dense_units < 1:
+            raise ValueError(f"--filters and --dense_units must be positive, got "
+                             f"{self.filters} and {self.dense_units}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.policy not in ("auto",) + POLICIES:
+            raise ValueError(f"--policy must be auto or one of {', '.join(POLICIES)}, "
+                             f"got {self.policy!r}")
+
+
+# --- which policy this hardware is fast at -------------------------------------
+
+def cpu_flags():
+    """The CPU feature flags from /proc/cpuinfo (x86 Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def accelerators():
+    """[(kind, compute capability or None)] of the accelerators the backend sees."""
+    backend = keras.backend.backend()
+    found = []
+    if backend == "tensorflow":
+        import tensorflow as tf
+        for gpu in tf.config.list_physical_devices("GPU"):
+            cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            found.append(("gpu", float(f"{cc[0]}.{cc[1]}") if cc else None))
+        found += [("tpu", None) for _ in tf.config.list_logical_devices("TPU")]
+    elif backend == "jax":
+        import jax
+        for device in jax.devices():
+            if device.platform == "gpu":
+                cc = getattr(device, "compute_capability", None)
+                found.append(("gpu", float(cc) if cc else None))
+            elif device.platform == "tpu":
+                found.append(("tpu", None))
+    elif backend == "torch":
+        import torch
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            found.append(("gpu", major + minor / 10))
+    return tuple(found)
+
+
+def choose_policy(devices=None, flags=None, backend=None):
+    """(policy, reason): the fastest policy this hardware and backend run safely.
+
+    mixed_float16 on NVIDIA GPUs of compute capability 7.0+ (tensor cores),
+    mixed_bfloat16 on TPUs, and on CPUs with bfloat16 math (AVX512-BF16, AMX)
+    under TensorFlow, whose oneDNN kernels use it; float32 otherwise. On CPU,
+    float16 is slower than float32 (TensorFlow falls back from oneDNN to Eigen)
+    and XLA's CPU backend (JAX) emulates bfloat16, so neither is picked there.
+    """
+    devices = accelerators() if devices is None else devices
+    flags = cpu_flags() if flags is None else flags
+    backend = backend or keras.backend.backend()
+    gpus = [cc for kind, cc in devices if kind == "gpu"]
+    if any(kind == "tpu" for kind, _ in devices):
+        return "mixed_bfloat16", "a TPU computes in bfloat16 natively"
+    if gpus:
+        cc = min(c or 0 for c in gpus)
+        if cc >= 7.0:
+            return "mixed_float16", f"NVIDIA GPU of compute capability {cc:g} has float16 tensor cores"
+        return "float32", (f"GPU of compute capability {cc:g} (< 7.0) has no tensor cores; "
+                           "16-bit math would not be faster")
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if bf16 and backend == "tensorflow":
+        return "mixed_bfloat16", f"CPU has bfloat16 math ({', '.join(bf16)}) that oneDNN uses"
+    if bf16:
+        return "float32", (f"CPU has {', '.join(bf16)} but the {backend} backend does not "
+                           "use it (measured slower than float32); no GPU found")
+    return "float32", "no GPU and no bfloat16 CPU instructions: 16-bit math would be slower"
+
+
+@contextlib.contextmanager
+def global_policy(name):
+    """Sets the global dtype policy inside the block; restores the previous one after.
+
+    Note: keras.utils.clear_session() resets the global policy to float32, so
+    call it BEFORE setting a policy, never after.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# --- the model and its checks --------------------------------------------------
+
+def build_model(input_shape, num_classes, filters=(32, 64, 128), dense_units=128):
+    """A small CNN under the CURRENT global policy; its softmax stays in float32."""
+    layers = [keras.Input(shape=input_shape)]
+    for i, f in enumerate(filters):
+        layers.append(keras.layers.Conv2D(f, 3, padding="same", activation="relu"))
+        layers.append(keras.layers.MaxPooling2D() if i < len(filters) - 1
+                      else keras.layers.GlobalAveragePooling2D())
+    layers += [keras.layers.Dense(dense_units, activation="relu"),
+               keras.layers.Dense(num_classes),  # logits, computed in 16 bits
+               # The softmax in float32: 16-bit exp/sum loses the small probabilities.
+               keras.layers.Activation("softmax", dtype="float32")]
+    return keras.Sequential(layers)
+
+
+def check_policy_applied(model, policy):
+    """Raises if the model's layers do not compute in `policy` (e.g. a lost global policy)."""
+    expected = keras.dtype_policies.DTypePolicy(policy).compute_dtype
+    got = {layer.dtype_policy.compute_dtype for layer in model.layers[:-1]}
+    if got != {expected}:
+        raise RuntimeError(f"model layers compute in {sorted(got)}, not {expected} of {policy}: "
+                           "was keras.utils.clear_session() called after setting the policy?")
+
+
+def check_output_float32(model, sample):
+    """The model's output dtype (must be float32 so the loss is computed in float32)."""
+    dtype = keras.backend.standardize_dtype(model(sample[:1]).dtype)
+    if dtype != "float32":
+        raise ValueError(f"model output is {dtype}; end the model with a float32 layer, e.g. "
+                         "keras.layers.Activation('softmax', dtype='float32')")
+    return dtype
+
+
+def loss_scale(model):
+    """The current dynamic loss scale if the optimizer scales the loss, else None."""
+    if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+        return float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale))
+    return None
+
+
+def check_loss_scaling(model, policy):
+    """mixed_float16 needs loss scaling (Keras 3 adds it on compile): verify it."""
+    scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    if policy == "mixed_float16" and not scaled:
+        raise RuntimeError("mixed_float16 without loss scaling: small gradients underflow to "
+                           "zero; compile under the policy or wrap the optimizer in "
+                           "keras.optimizers.LossScaleOptimizer")
+    return scaled
+
+
+# --- training with a step timer and a NaN guard --------------------------------
+
+class StepGuard(keras.callbacks.Callback):
+    """Times each step (loss read back, so async backends are waited for), logs
+    the loss scale per epoch, and stops at the first NaN/Inf loss."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy, self.seconds, self.step, self.bad = policy, [], 0, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
+        self.seconds.append(time.perf_counter() - self._start)
+        self.step += 1
+        if not np.isfinite(loss) and self.bad is None:
+            self.bad = f"loss became {loss} at training step {self.step} under policy {self.policy}"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        scale = loss_scale(self.model)
+        if scale is not None and logs is not None:
+            logs["loss_scale"] = scale  # the TensorBoard callback after this one logs it
+
+
+def throughput(step_seconds, batch_size, warmup_steps):
+    """examples/s and step-time percentiles, skipping warm-up steps when enough remain."""
+    steady = step_seconds[warmup_steps:] if len(step_seconds) > warmup_steps else step_seconds[1:]
+    steady = np.asarray(steady or step_seconds)
+    return {"examples_per_sec": batch_size / float(np.median(steady)),
+            "step_time_ms_p50": 1000 * float(np.percentile(steady, 50)),
+            "step_time_ms_p90": 1000 * float(np.percentile(steady, 90))}
+
+
+def has_tensorflow():
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+class Trainee:
+    """One model under one policy, trained an epoch at a time."""
+
+    def __init__(self, policy, config, input_shape, num_classes, initial_weights, log_dir):
+        with global_policy(policy):  # layers and compile both read the global policy
+            self.model = build_model(input_shape, num_classes, config.filters, config.dense_units)
+            check_policy_applied(self.model, policy)
+            self.model.set_weights(initial_weights)
+            self.model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                               loss=keras.losses.SparseCategoricalCrossentropy(),
+                               metrics=["accuracy"])
+        self.policy, self.history = policy, {}
+        self.guard = StepGuard(policy)
+        self.callbacks = [self.guard]
+        if log_dir and has_tensorflow():
+            self.callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
+        self.gpu_peak_mb = None
+
+    def fit_epoch(self, epoch, x, y, validation, batch_size):
+        reset_gpu_peak()
+        history = self.model.fit(x, y, batch_size=batch_size, epochs=epoch + 1,
+                                 initial_epoch=epoch, shuffle=False, validation_data=validation,
+                                 verbose=2, callbacks=self.callbacks)
+        peak = gpu_peak_mb()
+        if peak is not None:
+            self.gpu_peak_mb = max(self.gpu_peak_mb or 0, peak)
+        if self.guard.bad:
+            raise FloatingPointError(self.guard.bad + "; lower --learning_rate"
+                                     + (" or use float32" if self.policy != "float32" else ""))
+        for key, values in history.history.items():
+            self.history[key] = values[-1]
+        if not np.isfinite(self.history.get("val_loss", 0.0)):
+            raise FloatingPointError(f"validation loss became {self.history['val_loss']} after "
+                                     f"epoch {epoch + 1} under policy {self.policy}")
+
+    def results(self, batch_size, warmup_steps):
+        out = {**throughput(self.guard.seconds, batch_size, warmup_steps),
+               "val_accuracy": self.history["val_accuracy"],
+               "val_loss": self.history["val_loss"], "loss": self.history["loss"]}
+        if self.gpu_peak_mb is not None:
+            out["gpu_peak_mb"] = self.gpu_peak_mb
+        return out
+
+
+# --- memory ----------------------------------------------------------------------
+
+def _gpu_backend():
+    devices = [kind for kind, _ in accelerators()]
+    return keras.backend.backend() if "gpu" in devices else None
+
+
+def reset_gpu_peak():
+    if _gpu_backend() == "tensorflow":
+        import tensorflow as tf
+        tf.config.experimental.reset_memory_stats("GPU:0")
+
+
+def gpu_peak_mb():
+    """Peak GPU memory since the last reset (TensorFlow) or ever (JAX); None on CPU."""
+    backend = _gpu_backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    if backend == "jax":
+        import jax
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20 or None
+    return None
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+# --- advice ------------------------------------------------------------------------
+
+def batch_fetch_ms(x, batch_size, seed, batches=10):
+    """Milliseconds to gather one shuffled batch from the arrays (the input pipeline)."""
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for _ in range(batches):
+        np.ascontiguousarray(x[np.sort(rng.choice(len(x), batch_size, replace=False))])
+    return 1000 * (time.perf_counter() - start) / batches
+
+
+def advise(model, batch_size, step_ms, fetch_ms):
+    """What blocks a 16-bit speedup here: odd widths, tiny batches, a slow input."""
+    tips = []
+    weighted = [layer for layer in model.layers if layer.weights]
+    for layer in weighted[:-1]:  # the last layer's width is the number of classes
+        width = getattr(layer, "units", None) or getattr(layer, "filters", None)
+        if width and width % 8:
+            tips.append(f"layer {layer.name} has {width} units/channels, not a multiple of 8: "
+                        f"16-bit matrix units pad or fall back; use {8 * -(-width // 8)}")
+    if batch_size < 32:
+        tips.append(f"batch size {batch_size} is tiny: per-step overhead hides the faster math; "
+                    "try 64 or more")
+    elif batch_size % 8:
+        tips.append(f"batch size {batch_size} is not a multiple of 8; use {8 * -(-batch_size // 8)}")
+    if fetch_ms > 0.5 * step_ms:
+        tips.append(f"input-bound: preparing a batch takes {fetch_ms:.1f} ms of a {step_ms:.1f} ms "
+                    "step; faster math will not help until the input pipeline is faster")
+    return tips
+
+
+# --- the run ------------------------------------------------------------------------
+
+def run(config, run_dir, data):
+    """Trains under the chosen policy (and float32 with --compare); returns flat metrics."""
+    start = time.perf_counter()
+    (x_train, y_train), (x_val, y_val) = data
+    x_train, x_val = np.asarray(x_train, "float32"), np.asarray(x_val, "float32")
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError("the dataset needs training and validation examples")
+    num_classes = int(max(y_train.max(), y_val.max())) + 1
+    batch_size = min(config.batch_size, len(x_train))
+    if config.policy == "auto":
+        policy, reason = choose_policy()
+    else:
+        policy, reason = config.policy, "asked for with --policy"
+    print(f"policy: {policy} ({reason}); backend: {keras.backend.backend()}")
+    if not has_tensorflow():
+        print("note: TensorFlow is not installed, so no TensorBoard logs are written")
+
+    previous = keras.mixed_precision.global_policy()
+    try:
+        keras.utils.clear_session()  # resets the global policy to float32: so it comes first
+        keras.utils.set_random_seed(config.seed)
+        with global_policy("float32"):
+            initial_weights = build_model(x_train.shape[1:], num_classes, config.filters,
+                                          config.dense_units).get_weights()
+        policies = [policy] + (["float32"] if config.compare else [])
+        trainees = [Trainee(p, config, x_train.shape[1:], num_classes, initial_weights,
+                            os.path.join(run_dir, f"{p}_baseline" if i else p))
+                    for i, p in enumerate(policies)]
+        main = trainees[0]
+        output_dtype = check_output_float32(main.model, x_val)
+        scaled = check_loss_scaling(main.model, policy)
+        rng = np.random.default_rng(config.seed)
+        n = len(x_train) // batch_size * batch_size
+        if config.steps_per_epoch:
+            n = min(n, config.steps_per_epoch * batch_size)
+        for epoch in range(config.epochs):
+            order = rng.permutation(len(x_train))[:n]  # the same batches for every policy
+            x, y = x_train[order], y_train[order]
+            for t in (trainees if epoch % 2 == 0 else trainees[::-1]):  # alternate who goes first
+                print(f"-- epoch {epoch + 1}/{config.epochs} {t.policy}"
+                      + (" (baseline)" if t is not main else ""))
+                t.fit_epoch(epoch, x, y, (x_val, y_val), batch_size)
+        results = [t.results(batch_size, config.warmup_steps) for t in trainees]
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+    r = results[0]
+    metrics = {"policy": policy, "policy_reason": reason, "backend": keras.backend.backend(),
+               "output_dtype": output_dtype, "loss_scaling": scaled, **r}
+    if scaled:
+        metrics["loss_scale"] = loss_scale(main.model)
+    tips = advise(main.model, batch_size, r["step_time_ms_p50"],
+                  batch_fetch_ms(x_train, batch_size, config.seed))
+    if config.compare:
+        base = results[1]
+        metrics.update({f"float32_{k}": v for k, v in base.items()})
+        metrics.update(speedup=r["examples_per_sec"] / base["examples_per_sec"],
+                       val_accuracy_delta=r["val_accuracy"] - base["val_accuracy"],
+                       val_loss_delta=r["val_loss"] - base["val_loss"])
+        print(format_table(policies, results))
+        if metrics["speedup"] < 1 and policy != "float32":
+            tips.append(f"{policy} ran {1 / metrics['speedup']:.2f}x SLOWER than float32 here: "
+                        "this hardware has no fast path for it; keep float32")
+    if "gpu_peak_mb" not in r:
+        metrics["peak_rss_mb"] = peak_rss_mb()  # the whole process: both models with --compare
+    for tip in tips:
+        print("advice: " + tip)
+    metrics["advice"] = " | ".join(tips) or "none"
+    metrics["wall_time_s"] = time.perf_counter() - start
+    return metrics
+
+
+def format_table(policies, results):
+    lines = [f"{'policy':<16} {'examples/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'val_acc':>8} "
+             f"{'val_loss':>9}" + (f" {'gpu MiB':>8}" if "gpu_peak_mb" in results[0] else "")]
+    for p, r in zip(policies, results):
+        lines.append(f"{p:<16} {r['examples_per_sec']:>11.0f} {r['step_time_ms_p50']:>8.2f} "
+                     f"{r['step_time_ms_p90']:>8.2f} {r['val_accuracy']:>8.4f} "
+                     f"{r['val_loss']:>9.4f}"
+                     + (f" {r['gpu_peak_mb']:>8.0f}" if "gpu_peak_mb" in r else ""))
+    return "\n".join(lines)
