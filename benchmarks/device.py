@@ -1,0 +1,126 @@
+"""The `device` recipe's reference job on this machine's CPU, held against its FLOP floor.
+
+The job: full Fashion-MNIST (60,000 train, 10,000 test), 784 -> 500 relu -> 10,
+SGD lr 0.001 momentum 0.9, batch 100, 5 epochs. Absolute times differ between
+machines, so the job is held against this machine's own limit, measured in the
+same run: its arithmetic (6 FLOP per weight per example, ~2.4 MFLOP, times
+300,000 examples) divided by the float32 rate this CPU reaches on a 100x784 by
+784x500 matmul in a compiled loop. Target: job_time / flop_floor <= 2.
+
+Variants, alternated and repeated in one process (each from the same initial
+weights): Keras' defaults on numpy arrays, Keras' defaults on a batched
+tf.data pipeline, then the recipe's choices added one at a time
+(steps_per_execution = a whole epoch, then XLA). On the JAX backend (no
+TensorFlow needed) the tf.data variants are skipped.
+
+    python benchmarks/device.py [--data_dir ../shared/data/fashion-mnist] [--repeats 2]
+    KERAS_BACKEND=jax python benchmarks/device.py
+"""
+import argparse
+import dataclasses
+import gzip
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from recipes import device  # noqa: E402
+
+TARGET = 2.0
+
+
+def read_idx(path, offset):
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def load_fashion_mnist(folder):
+    folder = pathlib.Path(folder)
+    split = {}
+    for name, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
+        y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+        split[name] = (x.astype(np.float32) / 255, y)
+    return split["train"], split["test"]
+
+
+def variants(backend):
+    base = device.Config(devices="cpu")
+    tf_data = "tf_data" if backend == "tensorflow" else "arrays"
+    rows = [
+        ("fit(numpy), Keras defaults", dataclasses.replace(
+            base, pipeline="arrays", steps_per_execution=1, xla="auto")),
+        ("fit(tf.data), Keras defaults", dataclasses.replace(
+            base, pipeline=tf_data, steps_per_execution=1, xla="auto")),
+        ("+ steps_per_execution=epoch", dataclasses.replace(
+            base, pipeline=tf_data, steps_per_execution=0, xla="off")),
+        ("+ XLA (the recipe's default)", base),
+    ]
+    if backend != "tensorflow":  # no tf.data; jit is always on for JAX
+        rows = [rows[0], ("+ steps_per_execution=epoch (recipe default)", dataclasses.replace(
+            base, pipeline="arrays"))]
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "fashion-mnist"),
+                        help="folder with the four Fashion-MNIST idx .gz files")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all variants")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per job")
+    args = parser.parse_args()
+    if not (pathlib.Path(args.data_dir) / "train-images-idx3-ubyte.gz").exists():
+        sys.exit(f"error: no Fashion-MNIST idx files in {args.data_dir}; pass --data_dir "
+                 "(or apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    backend = keras.backend.backend()
+    data = load_fashion_mnist(args.data_dir)
+    (x_train, _), _ = data
+    weights = device.initial_weights(784, 500, 10, seed=0)
+    flops = device.flops_per_example(784, 500, 10) * len(x_train) * args.epochs
+    rows = variants(backend)
+    runs = {name: [] for name, _ in rows}
+    floors = []
+    for repeat in range(args.repeats):
+        for name, config in rows:
+            config = dataclasses.replace(config, epochs=args.epochs)
+            rate = device.matmul_flops_per_sec(100, 784, 500)  # the floor, beside each job
+            floors.append(flops / rate)
+            keras.backend.clear_session()
+            r = device.train_job(config, data, weights)
+            r["floor_s"] = flops / rate
+            r["gflops"] = rate / 1e9
+            runs[name].append(r)
+            print(f"[{repeat + 1}/{args.repeats}] {name}: {r['wall_time_s']:.2f} s, "
+                  f"floor {r['floor_s']:.2f} s, test accuracy {r['val_accuracy']:.4f}", flush=True)
+
+    def med(name, key):
+        return float(np.median([r[key] for r in runs[name]]))
+
+    print(f"\nbackend {backend}, {os.cpu_count()} CPU cores, {len(x_train)} train examples x "
+          f"{args.epochs} epochs, {flops / 1e9:.0f} GFLOP; medians of {args.repeats} repeats")
+    print(f"{'variant':<46} {'wall s':>7} {'examples/s':>11} {'1st step s':>10} "
+          f"{'test acc':>8} {'floor s':>7} {'wall/floor':>10}")
+    for name, _ in rows:
+        ratio = float(np.median([r["wall_time_s"] / r["floor_s"] for r in runs[name]]))
+        print(f"{name:<46} {med(name, 'wall_time_s'):>7.2f} {med(name, 'examples_per_sec'):>11.0f} "
+              f"{med(name, 'first_step_s'):>10.2f} {med(name, 'val_accuracy'):>8.4f} "
+              f"{med(name, 'floor_s'):>7.2f} {ratio:>10.2f}")
+    print(f"matmul 100x784 @ 784x500: {med(rows[-1][0], 'gflops'):.0f} GFLOP/s (median); "
+          f"flop floor {np.median(floors):.2f} s")
+    best = rows[-1][0]
+    ratio = float(np.median([r["wall_time_s"] / r["floor_s"] for r in runs[best]]))
+    accuracy = med(best, "val_accuracy")
+    verdict = "met" if ratio <= TARGET and accuracy >= 0.82 else "NOT met"
+    print(f"recipe default job_time/flop_floor ratio: {ratio:.2f} (target <= {TARGET:g}), "
+          f"test accuracy {accuracy:.4f} (target >= 0.82): {verdict}")
+
+
+if __name__ == "__main__":
+    main()

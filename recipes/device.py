@@ -1,0 +1,519 @@
+"""The same job on every device, with time, cost and a verdict.
+
+Shows: one small classifier (784 -> 500 relu -> 10, SGD lr 0.001 momentum 0.9,
+batch 100, 5 epochs: a well-known CPU-vs-GPU comparison) trained once per
+device this machine has (the CPU, then each GPU), each in its own subprocess
+so device visibility and memory start clean, all from the same initial
+weights. For each device: wall time, examples/s (the first compiled call left
+out), time to the first step, validation accuracy, and the job's cost at
+--price_per_hour. It says which device is cheaper per job and by how much,
+and the break-even speedup (the price ratio) a GPU must beat to pay off.
+Where the time goes: each worker also times a float32 matmul of the first
+layer's shape on its device, so the job's arithmetic floor (6 FLOP per weight
+per example) is printed beside its wall time. A job this small is mostly
+per-step overhead and input pipeline, not arithmetic, which is why a GPU gains
+little on it. The defaults here are the fast path: the data as in-memory
+tensors in tf.data (or numpy arrays on JAX), a whole epoch per compiled call
+(--steps_per_execution=0) and an XLA-compiled step (--xla=on). Keras' own
+defaults (one Python round trip per step, no XLA on a CPU-only TensorFlow)
+are --steps_per_execution=1 --xla=auto; --batch_size=1000 shows how a bigger
+batch shrinks the overhead share.
+Run:    python main.py --recipe=device --price_per_hour=cpu:0.40,gpu:1.20
+        python main.py --recipe=device --dataset=fashion_mnist --data_dir=DIR
+Expect: on the default shapes data (6,000 28x28 images) on 2 shared CPU cores,
+        no GPU: the CPU job takes a few seconds, validation accuracy ~0.9, and
+        the verdict says a GPU at 1.20/h pays off only above a 3.0x speedup.
+        On full Fashion-MNIST: see benchmarks/device.py (test accuracy >= 0.82).
+Copy:   this file alone works in any project with keras (TensorFlow or JAX
+        backend) and numpy: run(Config(), "logs", ((x_train, y_train),
+        (x_val, y_val))). It loads itself in a subprocess per device.
+"""
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+
+import keras
+import numpy as np
+
+# What main.py feeds this recipe: arrays of 28x28 gray images (Fashion-MNIST's shape).
+DATA = {"form": "arrays", "image_size": 28, "channels": 1}
+DEFAULT_DATASET = "shapes"
+HEADLINE = ("cheapest_device", "cpu_wall_time_s", "cpu_examples_per_sec", "cpu_val_accuracy",
+            "cpu_compute_share", "break_even_speedup", "gpu_count", "devices_failed",
+            "wall_time_s")
+DEVICE_NAME = re.compile(r"^(cpu|gpu:\d+)$")
+PRICE_NAME = re.compile(r"^(cpu|gpu|gpu:\d+)$")
+
+
+@dataclasses.dataclass
+class Config:
+    devices: str = "auto"  # comma list of cpu, gpu:N; auto = the CPU and every GPU nvidia-smi lists
+    price_per_hour: str = "cpu:0.40,gpu:1.20"  # device:price per hour; gpu prices every GPU, gpu:N one
+    epochs: int = 5  # epochs of the job on each device
+    batch_size: int = 100  # examples per step; bigger batches shrink per-step overhead (try 1000)
+    learning_rate: float = 0.001  # SGD learning rate
+    momentum: float = 0.9  # SGD momentum
+    hidden_units: int = 500  # width of the one hidden relu layer
+    steps_per_execution: int = 0  # training steps per compiled call; 0 = a whole epoch, 1 = Keras' default
+    xla: typing.Literal["on", "off", "auto"] = "on"  # XLA-compile the step; auto = Keras' choice (off on CPU-only TF)
+    pipeline: typing.Literal["auto", "tf_data", "arrays"] = "auto"  # input: tf.data of tensors or numpy
+    # arrays; auto = tf_data on the TensorFlow backend, arrays on others
+    timeout_s: int = 3600  # seconds one device's job may take before it is reported as failed
+    seed: int = 0  # initial weights and shuffling (the same on every device)
+
+    def __post_init__(self):
+        parse_devices(self.devices)
+        parse_prices(self.price_per_hour)
+        if min(self.epochs, self.batch_size, self.hidden_units, self.timeout_s) < 1:
+            raise ValueError("--epochs, --batch_size, --hidden_units and --timeout_s must be >= 1")
+        if self.steps_per_execution < 0:
+            raise ValueError(f"--steps_per_execution must be >= 0 (0 = a whole epoch), "
+                             f"got {self.steps_per_execution}")
+        if self.learning_rate <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError("--learning_rate must be > 0 and --momentum in [0, 1)")
+
+
+# --- devices and prices ----------------------------------------------------------
+
+def parse_devices(text):
+    """'auto' -> None; 'cpu,gpu:0' -> ['cpu', 'gpu:0']; anything else is a ValueError."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None
+    names = [name.strip() for name in text.split(",")]
+    bad = [name for name in names if not DEVICE_NAME.match(name)]
+    if bad or not names:
+        raise ValueError(f"--devices: {bad[0] if bad else text!r} is not a device; "
+                         "write auto or a comma list like cpu,gpu:0,gpu:1")
+    return list(dict.fromkeys(names))
+
+
+def parse_prices(text):
+    """'cpu:0.40,gpu:1.20' -> {'cpu': 0.4, 'gpu': 1.2}; needs a cpu and a gpu price."""
+    prices = {}
+    for item in filter(None, (part.strip().lower() for part in text.split(","))):
+        name, _, value = item.rpartition(":")
+        try:
+            price = float(value)
+        except ValueError:
+            price = None
+        if not PRICE_NAME.match(name) or price is None or not math.isfinite(price) or price < 0:
+            raise ValueError(f"--price_per_hour: {item!r} is not device:price; write e.g. "
+                             "cpu:0.40,gpu:1.20 (devices cpu, gpu or gpu:N, prices >= 0)")
+        prices[name] = price
+    if "cpu" not in prices or not any(name.startswith("gpu") for name in prices):
+        raise ValueError(f"--price_per_hour needs a cpu and a gpu price, got {text!r}; "
+                         "write e.g. cpu:0.40,gpu:1.20")
+    return prices
+
+
+def price_of(device, prices):
+    """The hourly price of 'cpu' or 'gpu:N' (gpu:N's own price, else the gpu price), or None."""
+    return prices.get(device, prices.get(device.split(":")[0]))
+
+
+def find_devices():
+    """['cpu', 'gpu:0', ...]: the CPU and every NVIDIA GPU `nvidia-smi -L` lists."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        listing = ""
+    gpus = [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", listing, re.MULTILINE)]
+    return ["cpu"] + [f"gpu:{i}" for i in gpus]
+
+
+def compare_costs(results, prices):
+    """Cost per job per device and a plain verdict: (lines of text, flat metrics)."""
+    ok = {d: r for d, r in results.items() if "error" not in r}
+    metrics, lines = {}, []
+    for device, r in ok.items():
+        cost = r["wall_time_s"] / 3600 * price_of(device, prices)
+        metrics[f"{metric_prefix(device)}_cost_usd"] = cost
+        lines.append(f"{device}: {r['wall_time_s']:.2f} s per job at "
+                     f"{price_of(device, prices):.2f}/h = {cost:.6f} per job")
+    cpu_price = prices["cpu"]
+    gpu_price = prices.get("gpu", next(p for n, p in prices.items() if n.startswith("gpu")))
+    gpus = [d for d in ok if d != "cpu"]
+    if ok:
+        cheapest = min(ok, key=lambda d: metrics[f"{metric_prefix(d)}_cost_usd"])
+        metrics["cheapest_device"] = cheapest
+    if "cpu" in ok and gpus:
+        cpu_time, cpu_cost = ok["cpu"]["wall_time_s"], metrics["cpu_cost_usd"]
+        for gpu in gpus:
+            price = price_of(gpu, prices)
+            speedup = cpu_time / ok[gpu]["wall_time_s"]
+            break_even = price / cpu_price if cpu_price > 0 else math.inf
+            gpu_cost = metrics[f"{metric_prefix(gpu)}_cost_usd"]
+            metrics[f"speedup_{metric_prefix(gpu)}_vs_cpu"] = speedup
+            metrics[f"break_even_speedup_{metric_prefix(gpu)}"] = break_even
+            winner, loser = ("cpu", gpu) if cpu_cost <= gpu_cost else (gpu, "cpu")
+            saving = 1 - min(cpu_cost, gpu_cost) / max(cpu_cost, gpu_cost) if max(
+                cpu_cost, gpu_cost) > 0 else 0.0
+            lines.append(f"{gpu} is {speedup:.2f}x as fast as cpu and costs "
+                         f"{break_even:.2f}x as much per hour: {winner} is cheaper per job by "
+                         f"{saving:.0%} than {loser}. Break-even speedup: {break_even:.2f}x "
+                         f"({gpu} pays off only when more than {break_even:.2f}x as fast).")
+        metrics["break_even_speedup"] = gpu_price / cpu_price if cpu_price > 0 else math.inf
+    elif "cpu" in ok:
+        break_even = gpu_price / cpu_price if cpu_price > 0 else math.inf
+        metrics["break_even_speedup"] = break_even
+        cpu_time = ok["cpu"]["wall_time_s"]
+        lines.append(f"No GPU ran this job{' (none found)' if len(results) == 1 else ''}: the CPU "
+                     f"figures stand alone. At gpu:{gpu_price:.2f}/h vs cpu:{cpu_price:.2f}/h a "
+                     f"GPU pays off only if it runs this job more than {break_even:.2f}x as fast, "
+                     f"i.e. in under {cpu_time / break_even:.2f} s.")
+    for device, r in results.items():
+        if "error" in r:
+            lines.append(f"{device} FAILED (left out of the verdict): {r['error']}")
+    return lines, metrics
+
+
+def metric_prefix(device):
+    return device.replace(":", "")
+
+
+# --- the job (runs inside each device's subprocess) ----------------------------------
+
+def initial_weights(input_dim, hidden_units, num_classes, seed):
+    """Glorot-uniform kernels and zero biases from numpy: the same start on every device."""
+    rng = np.random.default_rng(seed)
+    weights = []
+    for fan_in, fan_out in ((input_dim, hidden_units), (hidden_units, num_classes)):
+        limit = math.sqrt(6 / (fan_in + fan_out))
+        weights += [rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32),
+                    np.zeros(fan_out, np.float32)]
+    return weights
+
+
+def build_model(input_shape, hidden_units, num_classes):
+    """Flatten -> Dense(hidden, relu) -> Dense(classes) logits."""
+    return keras.Sequential([
+        keras.Input(shape=input_shape),
+        keras.layers.Flatten(),
+        keras.layers.Dense(hidden_units, activation="relu"),
+        keras.layers.Dense(num_classes),
+    ])
+
+
+def flops_per_example(input_dim, hidden_units, num_classes):
+    """Forward and backward of the two dense layers: 6 FLOP per weight per example."""
+    return 6 * (input_dim * hidden_units + hidden_units * num_classes)
+
+
+def _compile_fn(fn):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return tf.function(fn)
+    if backend == "jax":
+        import jax
+        return jax.jit(fn)
+    return fn
+
+
+def matmul_flops_per_sec(m, k, n, chain=20, repeats=7):
+    """float32 FLOP/s of an (m,k) x (k,n) matmul on the default device: best of timed chains.
+
+    Each product feeds the next one's input, so no compiler can hoist or merge them.
+    """
+    def chained(a, b):
+        for _ in range(chain):
+            a = a + keras.ops.matmul(a, b)[:, :1] * 1e-12
+        return a
+
+    fn = _compile_fn(chained)
+    rng = np.random.default_rng(0)
+    a = keras.ops.convert_to_tensor(rng.random((m, k), np.float32))
+    b = keras.ops.convert_to_tensor(rng.random((k, n), np.float32))
+    keras.ops.convert_to_numpy(fn(a, b))  # trace and compile
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(fn(a, b))
+        best = min(best, time.perf_counter() - start)
+    return chain * 2 * m * k * n / best
+
+
+class CallTimer(keras.callbacks.Callback):
+    """Seconds and steps of each compiled training call, and the time to the first one."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.first_step_s = [], None
+
+    def on_train_begin(self, logs=None):
+        self._fit_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_step = -1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.first_step_s is None:
+            self.first_step_s = now - self._fit_start
+        self.calls.append((now - self._start, batch - self._last_step))
+        self._last_step = batch
+
+
+def throughput(calls, batch_size):
+    """examples/s and per-step percentiles, leaving out the first call (it compiles)."""
+    steady = calls[1:] or calls
+    seconds = np.array([s for s, _ in steady])
+    steps = np.array([n for _, n in steady])
+    per_step = seconds / steps
+    return {"examples_per_sec": batch_size * steps.sum() / seconds.sum(),
+            "step_time_ms_p50": 1000 * float(np.percentile(per_step, 50)),
+            "step_time_ms_p90": 1000 * float(np.percentile(per_step, 90))}
+
+
+def make_inputs(x, y, config, training):
+    """fit/evaluate keyword arguments for the chosen pipeline (shuffled when training)."""
+    pipeline = config.pipeline
+    if pipeline == "auto":
+        pipeline = "tf_data" if keras.backend.backend() == "tensorflow" else "arrays"
+    if pipeline == "arrays":
+        return {"x": x, "y": y, "batch_size": config.batch_size,
+                **({"shuffle": True} if training else {})}
+    import tensorflow as tf  # tf.data only: the arrays pipeline needs no TensorFlow
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:  # the dataset shuffles itself; fit's own shuffle would only warn
+        ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+    return {"x": ds, **({"shuffle": False} if training else {})}
+
+
+def train_job(config, data, weights, log_dir=None):
+    """The job on the current default device; returns its measurements."""
+    (x_train, y_train), (x_val, y_val) = data
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(x_train.shape[1:], config.hidden_units, len(weights[-1]))
+    model.set_weights(weights)
+    steps = math.ceil(len(x_train) / config.batch_size)
+    model.compile(optimizer=keras.optimizers.SGD(config.learning_rate, momentum=config.momentum),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"],
+                  steps_per_execution=min(config.steps_per_execution or steps, steps),
+                  jit_compile={"on": True, "off": False, "auto": "auto"}[config.xla])
+    timer = CallTimer()
+    callbacks = [timer, keras.callbacks.TerminateOnNaN()]
+    if log_dir and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
+    start = time.perf_counter()
+    history = model.fit(epochs=config.epochs, verbose=2, callbacks=callbacks,
+                        **make_inputs(x_train, y_train, config, training=True))
+    wall = time.perf_counter() - start
+    final_loss = history.history["loss"][-1]
+    if not np.isfinite(final_loss):
+        raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate")
+    val_loss, val_accuracy = model.evaluate(verbose=0, **make_inputs(x_val, y_val, config,
+                                                                       training=False))
+    return {**throughput(timer.calls, config.batch_size), "wall_time_s": wall,
+            "first_step_s": timer.first_step_s, "loss": final_loss,
+            "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "steps_per_execution": model.steps_per_execution,
+            "xla": bool(model.jit_compile)}
+
+
+def _has_tensorflow():
+    try:
+        import tensorflow  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def accelerator_count():
+    """How many GPUs the current Keras backend sees in this process."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return len(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+        return sum(d.platform == "gpu" for d in jax.devices())
+    if backend == "torch":
+        import torch
+        return torch.cuda.device_count()
+    return 0
+
+
+def worker(job_file):
+    """Subprocess entry point: train on the one device the environment leaves visible."""
+    job = json.loads(pathlib.Path(job_file).read_text())
+    device = job["device"]
+    if device != "cpu" and accelerator_count() < 1:
+        raise RuntimeError(f"{device} is not visible to keras' {keras.backend.backend()} "
+                           f"backend (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    config = Config(**job["config"])
+    with np.load(job["data"]) as f:
+        data = ((f["x_train"], f["y_train"]), (f["x_val"], f["y_val"]))
+        weights = [f[f"w{i}"] for i in range(4)]
+    startup = time.time() - job["launched_at"]
+    result = train_job(config, data, weights, job["log_dir"])
+    width = int(np.prod(data[0][0].shape[1:]))
+    rate = matmul_flops_per_sec(config.batch_size, width, config.hidden_units)
+    flops = flops_per_example(width, config.hidden_units, len(weights[-1]))
+    floor = flops * len(data[0][0]) * config.epochs / rate
+    result.update(startup_s=startup, matmul_gflops=rate / 1e9, compute_floor_s=floor,
+                  compute_share=floor / result["wall_time_s"], backend=keras.backend.backend())
+    tmp = job["out"] + ".tmp"
+    pathlib.Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, job["out"])
+
+
+# --- the parent: one subprocess per device ---------------------------------------------
+
+# The subprocess loads this file by path and calls worker(): running it as a script
+# would put its folder first on sys.path, where a sibling file (profile.py, say)
+# could shadow a standard-library module.
+WORKER = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("device_recipe_worker", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module.worker(sys.argv[2])
+"""
+
+
+def device_env(device):
+    """The environment that leaves exactly `device` visible to the job."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    if device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+        env.pop("JAX_PLATFORMS", None)
+    return env
+
+
+def run_on_device(device, config, data_file, run_dir, work_dir):
+    """Runs the job in a fresh subprocess on `device`; its result, or {'error': why}."""
+    out = os.path.join(work_dir, f"{metric_prefix(device)}.json")
+    job = {"device": device, "config": dataclasses.asdict(config), "data": data_file,
+           "log_dir": os.path.join(run_dir, metric_prefix(device)), "out": out,
+           "launched_at": time.time()}
+    job_file = os.path.join(work_dir, f"{metric_prefix(device)}_job.json")
+    pathlib.Path(job_file).write_text(json.dumps(job))
+    log_path = os.path.join(run_dir, f"{metric_prefix(device)}.log")
+    start = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.run([sys.executable, "-c", WORKER, os.path.abspath(__file__),
+                                   job_file], cwd=work_dir, stdout=log, stderr=subprocess.STDOUT,
+                                  env=device_env(device), timeout=config.timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {config.timeout_s} s (see {log_path})"}
+    if proc.returncode != 0 or not os.path.exists(out):
+        lines = [ln for ln in pathlib.Path(log_path).read_text().splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", ln)),
+                   lines[-1] if lines else f"exit code {proc.returncode}")
+        return {"error": f"{why.strip()} (exit code {proc.returncode}; log {log_path})"}
+    result = json.loads(pathlib.Path(out).read_text())
+    result["process_time_s"] = time.perf_counter() - start
+    return result
+
+
+def explain(device, r):
+    """Where the job's time went on one device, in one line."""
+    return (f"{device}: the arithmetic needs >= {r['compute_floor_s']:.2f} s of the "
+            f"{r['wall_time_s']:.2f} s job ({r['compute_share']:.0%}, at "
+            f"{r['matmul_gflops']:.0f} GFLOP/s); the other {1 - r['compute_share']:.0%} is per-step "
+            f"overhead and the input pipeline. Bigger --batch_size and --steps_per_execution "
+            f"shrink it.")
+
+
+def format_table(results, prices):
+    lines = [f"{'device':>7} {'wall s':>7} {'examples/s':>11} {'p50 ms':>7} {'1st step s':>10} "
+             f"{'startup s':>9} {'val_acc':>7} {'floor s':>7} {'per hour':>8} {'per job':>10}"]
+    for device, r in results.items():
+        if "error" in r:
+            lines.append(f"{device:>7} FAILED: {r['error']}")
+            continue
+        price = price_of(device, prices)
+        lines.append(f"{device:>7} {r['wall_time_s']:>7.2f} {r['examples_per_sec']:>11.0f} "
+                     f"{r['step_time_ms_p50']:>7.3f} {r['first_step_s']:>10.2f} "
+                     f"{r['startup_s']:>9.2f} {r['val_accuracy']:>7.4f} "
+                     f"{r['compute_floor_s']:>7.2f} {price:>8.2f} "
+                     f"{r['wall_time_s'] / 3600 * price:>10.6f}")
+    return "\n".join(lines)
+
+
+def log_results(run_dir, results, cost_metrics):
+    """Per-device scalars in each device's TensorBoard run (skipped without TensorFlow)."""
+    if not _has_tensorflow():
+        return
+    import tensorflow as tf
+    for device, r in results.items():
+        if "error" in r:
+            continue
+        writer = tf.summary.create_file_writer(os.path.join(run_dir, metric_prefix(device)))
+        with writer.as_default():
+            for key in ("wall_time_s", "examples_per_sec", "first_step_s", "val_accuracy",
+                        "compute_floor_s"):
+                tf.summary.scalar(f"job/{key}", r[key], step=0)
+            tf.summary.scalar("job/cost_usd", cost_metrics[f"{metric_prefix(device)}_cost_usd"],
+                              step=0)
+        writer.close()
+
+
+def run(config, run_dir, data):
+    """Runs the job once per device; returns flat metrics for metrics.json."""
+    start = time.perf_counter()
+    run_dir = os.path.abspath(run_dir)  # the per-device subprocesses run elsewhere
+    prices = parse_prices(config.price_per_hour)
+    devices = parse_devices(config.devices) or find_devices()
+    unpriced = [d for d in devices if price_of(d, prices) is None]
+    if unpriced:
+        raise ValueError(f"--price_per_hour has no price for {unpriced[0]}; add "
+                         f"{unpriced[0].split(':')[0]}:PRICE or {unpriced[0]}:PRICE")
+    (x_train, y_train), (x_val, y_val) = data
+    if len(x_train) < config.batch_size:
+        raise ValueError(f"--batch_size={config.batch_size} is larger than the "
+                         f"{len(x_train)} training examples; lower it")
+    num_classes = int(max(np.max(y_train), np.max(y_val))) + 1
+    weights = initial_weights(int(np.prod(x_train.shape[1:])), config.hidden_units,
+                              num_classes, config.seed)
+    os.makedirs(run_dir, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix="device_recipe_")
+    try:
+        data_file = os.path.join(work_dir, "data.npz")
+        np.savez(data_file, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
+                 **{f"w{i}": w for i, w in enumerate(weights)})
+        results = {}
+        for device in devices:
+            print(f"\n== {device} ==", flush=True)
+            results[device] = run_on_device(device, config, data_file, run_dir, work_dir)
+            if "error" in results[device]:
+                print(f"{device} failed: {results[device]['error']}")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    failed = [d for d, r in results.items() if "error" in r]
+    if failed and len(failed) == len(results) and all(
+            "FloatingPointError" in results[d]["error"] for d in failed):
+        raise FloatingPointError(results[failed[0]]["error"])
+    cost_lines, cost_metrics = compare_costs(results, prices)
+    log_results(run_dir, results, cost_metrics)
+    print("\n" + format_table(results, prices))
+    print("\n" + "\n".join(cost_lines))
+    print("\n" + "\n".join(explain(d, r) for d, r in results.items() if "error" not in r))
+    metrics = {f"{metric_prefix(d)}_{key}": value for d, r in results.items()
+               if "error" not in r for key, value in r.items()
+               if isinstance(value, (int, float, str))}
+    metrics.update(cost_metrics, gpu_count=sum(d != "cpu" for d in devices),
+                   devices_failed=len(failed), wall_time_s=time.perf_counter() - start)
+    metrics.update({f"{metric_prefix(d)}_error": results[d]["error"] for d in failed})
+    return metrics
+
