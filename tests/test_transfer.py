@@ -1,0 +1,180 @@
+"""The transfer recipe: frozen base, block5 fine-tuning, preprocessing once, offline
+ImageNet error, caching refused with augmentation, saved models that reload, a tiny run."""
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin, ENV
+from recipes import transfer
+
+
+def tiny_config(**overrides):
+    values = dict(weights="none", image_size=32, epochs=1, batch_size=8, dense_units=16,
+                  warmup_steps=0)
+    return transfer.Config(**{**values, **overrides})
+
+
+def random_images(n, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(size=(n, 32, 32, 3)).astype(np.float32),
+            np.arange(n) % classes)
+
+
+def tiny_model(classes=3):
+    keras.utils.set_random_seed(0)
+    base = transfer.load_vgg16("none", 32)
+    model, head, extractor = transfer.build_model(base, classes, dense_units=16)
+    return base, model, head, extractor
+
+
+def fit_once(model, x, y, config, lr=1e-2):
+    ds = transfer.make_dataset(x, y, config.batch_size, seed=0)
+    return transfer.fit_phase(model, ds, ds, "test", 1, 0, lr, len(x) // config.batch_size,
+                              config, [])
+
+
+def test_phase1_keeps_the_base_frozen_and_phase2_trains_only_block5():
+    base, model, head, _ = tiny_model()
+    x, y = random_images(16)
+    base_before = {w.path: w.numpy() for w in base.weights}
+    head_before = [w.numpy() for w in head.weights]
+    fit_once(model, x, y, tiny_config())  # phase 1
+    assert all(np.array_equal(base_before[w.path], w.numpy()) for w in base.weights)
+    assert not all(np.array_equal(a, w.numpy()) for a, w in zip(head_before, head.weights))
+    assert {w.path for w in model.trainable_weights} == {w.path for w in head.weights}
+
+    transfer.unfreeze_last_block(base)  # phase 2
+    block5 = {w.path for w in base.weights if "block5_" in w.path}
+    assert {w.path for w in base.trainable_weights} == block5 and block5
+    fit_once(model, x, y, tiny_config(), lr=1e-3)
+    for w in base.weights:
+        changed = not np.array_equal(base_before[w.path], w.numpy())
+        if "block5_" not in w.path:
+            assert not changed, w.path
+        elif w.path.endswith("kernel"):
+            assert changed, w.path
+
+
+def test_vgg16_preprocessing_is_applied_exactly_once():
+    base, model, head, extractor = tiny_model()
+    x, _ = random_images(2)
+    once = keras.applications.vgg16.preprocess_input(255 * x.copy())
+    twice = keras.applications.vgg16.preprocess_input(once.copy())
+    layer = model.get_layer("vgg16_preprocess")
+    np.testing.assert_allclose(np.asarray(layer(x)), once, rtol=1e-5, atol=1e-3)
+    features = np.asarray(extractor(x))
+    np.testing.assert_allclose(features, np.asarray(base(once)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(features, np.asarray(base(twice)), rtol=1e-2, atol=1e-2)
+    # the cached-features path and the image path give the same predictions
+    np.testing.assert_allclose(np.asarray(head(features)), np.asarray(model(x)), atol=1e-5)
+
+
+def test_cache_features_with_augment_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="--cache_features cannot be used with --augment") as e:
+        tiny_config(cache_features=True, augment=True)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_path_loads_a_keras_downloaded_style_h5_file(tmp_path):
+    import tf_keras  # writes the legacy .h5 layout that keras' VGG16 download uses
+    tf_keras.utils.set_random_seed(1)
+    path = str(tmp_path / transfer.WEIGHTS_FILE)
+    saved = tf_keras.applications.VGG16(weights=None, include_top=False,
+                                        input_shape=(32, 32, 3))
+    saved.save_weights(path)
+    loaded = transfer.load_vgg16(path, 32)
+    for a, b in zip(saved.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="--weights=.*is not a file"):
+        tiny_config(weights=str(tmp_path / "missing.h5"))
+
+
+def test_imagenet_weights_offline_fail_before_training_with_one_line_and_exit_2(tmp_path):
+    dead_proxy = "http://127.0.0.1:9"  # no download can succeed, network or not
+    env = {**ENV, "KERAS_HOME": str(tmp_path / "keras_home"),
+           "https_proxy": dead_proxy, "HTTPS_PROXY": dead_proxy}
+    result = run_cli("--recipe=transfer", "--weights=imagenet", "--image_size=32",
+                     f"--logdir={tmp_path / 'logs'}", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, lines
+    expected = tmp_path / "keras_home" / "models" / transfer.WEIGHTS_FILE
+    assert str(expected) in lines[0] and "--weights=none" in lines[0] and "--weights=PATH" in lines[0]
+    assert not list((tmp_path / "logs" / "transfer").iterdir())  # no run folder left behind
+
+
+def test_cli_tiny_run_at_32px_puts_both_phases_on_one_tensorboard_timeline(tmp_path):
+    result = run_cli("--recipe=transfer", "--weights=none", "--image_size=32", "--epochs=1",
+                     "--fine_tune_epochs=1", "--batch_size=16", "--steps_per_epoch=1",
+                     "--dense_units=16", "--augment", f"--logdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANDOM weights" in result.stdout
+    run_dir = only_run_dir(tmp_path, "transfer")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("val_accuracy_phase1", "val_accuracy_phase2", "base_epoch_s",
+                "trainable_params", "total_params", "best_val_accuracy"):
+        assert key in metrics, key
+    assert (run_dir / "best.keras").is_file() and (run_dir / "final.keras").is_file()
+    tags = read_tensorboard_tags(run_dir / "train_log" / "validation")
+    assert len(tags["epoch_accuracy"]) == 2  # epoch 0 of phase 1, epoch 1 of phase 2
+    learning_rates = read_tensorboard_tags(run_dir / "train_log" / "train")["epoch_learning_rate"]
+    assert learning_rates[-1] == pytest.approx(learning_rates[0] / 30, rel=1e-3)
+
+
+def test_recipe_file_alone_runs_and_saves_models_that_reload_with_equal_predictions(tmp_path):
+    # Drop-in: the file alone, cached features (to a file), fine-tuning and export,
+    # on gray 40x40 images that the recipe must turn into 32x32 RGB.
+    script = (
+        "import json, numpy as np, transfer\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.uniform(size=(32, 40, 40, 1)).astype('float32'); y = np.arange(32) % 2\n"
+        "cfg = transfer.Config(weights='none', image_size=32, epochs=1, fine_tune_epochs=1,"
+        " batch_size=8, dense_units=16, warmup_steps=0, cache_features=True,"
+        " cache_file='features.npz', export='saved_model', learning_rate=3e-3)\n"
+        "m = transfer.run(cfg, 'logs', ((x[:16], y[:16]), (x[16:], y[16:])))\n"
+        "np.save('x_val.npy', transfer.as_rgb(x[16:], 32)); np.save('y_val.npy', y[16:])\n"
+        "rgb = transfer.as_rgb(x, 32)\n"
+        "_, _, seconds = transfer.cached_features(None, rgb[:16], rgb[16:], 8, cfg)\n"
+        "m['cache_reused'] = seconds is None\n"
+        "print(json.dumps(m))\n")
+    result = run_dropin("transfer.py", script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["cache_reused"]  # a second extraction read features.npz instead
+    assert metrics["cache_speedup"] == pytest.approx(metrics["base_epoch_s"]
+                                                     / metrics["head_epoch_s"])
+    assert metrics["trainable_params"] < metrics["trainable_params_phase2"] < metrics["total_params"]
+
+    workdir = tmp_path / "dropin"
+    x_val, y_val = np.load(workdir / "x_val.npy"), np.load(workdir / "y_val.npy")
+    logs = workdir / "logs"
+    final = keras.models.load_model(logs / "final.keras")
+    predictions = final.predict(x_val, verbose=0)
+    assert np.mean(predictions.argmax(1) == y_val) == pytest.approx(metrics["val_accuracy"])
+    best = keras.models.load_model(logs / "best.keras")
+    best_accuracy = np.mean(best.predict(x_val, verbose=0).argmax(1) == y_val)
+    assert best_accuracy == pytest.approx(metrics["best_val_accuracy"])
+    import tensorflow as tf
+    exported = tf.saved_model.load(str(logs / "saved_model"))  # keep it referenced
+    np.testing.assert_allclose(np.asarray(exported.serve(x_val)), predictions, atol=1e-5)
+    assert not list(logs.glob(".tmp-*"))  # atomic writes leave no temp files behind
+
+
+def test_saved_model_reloads_with_equal_predictions(tmp_path):
+    _, model, _, _ = tiny_model()
+    x, _ = random_images(4)
+    transfer.save_atomically(model, str(tmp_path / "model.keras"))
+    reloaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
+
+
+def test_long_phase_prints_its_estimated_duration_from_the_first_timed_steps(capsys):
+    timer = transfer.StepTimer("phase 1", total_steps=100, warmup_steps=1)
+    for _ in range(3):  # one warm-up step, then two timed ones
+        timer.on_train_batch_begin(0)
+        timer.on_train_batch_end(0)
+    out = capsys.readouterr().out
+    assert "[phase 1] estimated" in out and "for 100 steps" in out
