@@ -1,0 +1,134 @@
+"""mixed_precision recipe: policy choice, float32 output, loss scaling, NaN guard, restore."""
+import json
+
+import keras
+import pytest
+
+from conftest import ENV, error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
+from recipes import mixed_precision as mp
+
+TINY = dict(epochs=1, batch_size=16, steps_per_epoch=2, filters=(8, 16), dense_units=16,
+            warmup_steps=1)
+
+
+@pytest.fixture
+def keep_global_policy():
+    previous = keras.mixed_precision.global_policy()
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_float16_compare_keeps_float32_output_scales_loss_and_reports_speedup(
+        tiny_images, tmp_path, keep_global_policy):
+    metrics = mp.run(mp.Config(policy="mixed_float16", compare=True, **TINY), str(tmp_path),
+                     tiny_images)
+    assert metrics["policy"] == "mixed_float16"
+    assert metrics["output_dtype"] == "float32"
+    assert metrics["loss_scaling"] is True and metrics["loss_scale"] > 1
+    assert metrics["speedup"] > 0 and metrics["float32_examples_per_sec"] > 0
+    assert abs(metrics["val_accuracy_delta"]) <= 1
+    assert json.dumps(metrics)  # flat and JSON-ready for metrics.json
+    tags = read_tensorboard_tags(tmp_path / "mixed_float16" / "train")
+    assert tags["epoch_loss_scale"][-1] == metrics["loss_scale"]
+    assert "epoch_loss_scale" not in read_tensorboard_tags(tmp_path / "float32_baseline" / "train")
+
+
+def test_model_with_16_bit_output_is_rejected(tiny_images, keep_global_policy):
+    (x, _), _ = tiny_images
+    with mp.global_policy("mixed_bfloat16"):
+        model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Flatten(),
+                                  keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(ValueError, match="float32 layer"):
+        mp.check_output_float32(model, x)
+
+
+def test_policy_restored_after_success_and_after_nan_failure(tiny_images, tmp_path,
+                                                             keep_global_policy):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    mp.run(mp.Config(policy="float32", **TINY), str(tmp_path / "ok"), tiny_images)
+    assert keras.mixed_precision.global_policy().name == "mixed_float16"
+
+    keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(FloatingPointError, match=r"at training step \d+ under policy mixed_bfloat16"):
+        mp.run(mp.Config(policy="mixed_bfloat16", learning_rate=1e9, **{**TINY, "epochs": 2}),
+               str(tmp_path / "nan"), tiny_images)
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_clear_session_silently_drops_a_policy_and_the_recipe_catches_it(tiny_images,
+                                                                         keep_global_policy):
+    (x, _), _ = tiny_images
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.clear_session()  # what many training scripts call between models
+    assert keras.mixed_precision.global_policy().name == "float32"
+    model = mp.build_model(x.shape[1:], 10, filters=(8,), dense_units=8)
+    with pytest.raises(RuntimeError, match="clear_session"):
+        mp.check_policy_applied(model, "mixed_bfloat16")
+
+
+def test_auto_picks_what_this_hardware_supports():
+    policy, reason = mp.choose_policy()
+    devices, flags = mp.accelerators(), mp.cpu_flags()
+    gpus = [cc for kind, cc in devices if kind == "gpu"]
+    if gpus:
+        assert policy == ("mixed_float16" if min(gpus) >= 7.0 else "float32"), reason
+    elif flags & {"avx512_bf16", "amx_bf16"}:  # benchmarks/mixed_precision.py: ~1.5-2x here
+        assert policy == "mixed_bfloat16", reason
+    else:
+        assert policy == "float32", reason
+    # float16 on a CPU is many times slower (Eigen fallback): auto never picks it there.
+    assert mp.choose_policy(devices=(), flags={"avx512_fp16", "avx512_bf16"},
+                            backend="tensorflow")[0] == "mixed_bfloat16"
+    assert mp.choose_policy(devices=(), flags={"avx512_fp16"}, backend="tensorflow")[0] == "float32"
+    assert mp.choose_policy(devices=(("gpu", 8.0),), flags=set())[0] == "mixed_float16"
+    assert mp.choose_policy(devices=(("gpu", 6.1),), flags=set())[0] == "float32"
+    assert mp.choose_policy(devices=(("tpu", None),), flags=set())[0] == "mixed_bfloat16"
+
+
+def test_advice_names_odd_widths_tiny_batches_and_slow_input(keep_global_policy):
+    model = mp.build_model((16, 16, 3), 10, filters=(12, 16), dense_units=100)
+    tips = " | ".join(mp.advise(model, batch_size=8, step_ms=10.0, fetch_ms=9.0))
+    assert "12 units/channels" in tips and "100 units/channels" in tips
+    assert "16 units" not in tips and "10 units" not in tips  # multiples of 8; class count
+    assert "batch size 8 is tiny" in tips and "input-bound" in tips
+    assert mp.advise(mp.build_model((16, 16, 3), 10), 64, step_ms=10.0, fetch_ms=1.0) == []
+
+
+def test_cli_nan_loss_stops_with_step_and_policy_exit_1_and_no_metrics(tmp_path):
+    result = run_cli("--recipe=mixed_precision", "--learning_rate=1e9", "--epochs=2",
+                     "--steps_per_epoch=3", "--batch_size=16", "--filters=8,16",
+                     "--dense_units=16", f"--logdir={tmp_path}")
+    lines = error_lines(result.stderr)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(lines) == 1 and "at training step" in lines[0] and "under policy" in lines[0], lines
+    assert "--learning_rate" in lines[0]
+    run_dir = only_run_dir(tmp_path, "mixed_precision")
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_cli_bad_width_is_one_line_error(tmp_path):
+    result = run_cli("--recipe=mixed_precision", "--filters=0", f"--logdir={tmp_path}")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "error: --filters and --dense_units must be positive, got (0,) and 128"]
+
+
+DROPIN = """
+import keras, numpy as np
+import mixed_precision as mp
+assert keras.backend.backend() == "jax", keras.backend.backend()
+rng = np.random.default_rng(0)
+x = rng.random((48, 16, 16, 3), dtype=np.float32); y = rng.integers(0, 4, 48)
+m = mp.run(mp.Config(policy="mixed_bfloat16", compare=True, epochs=1, batch_size=16,
+                     filters=(8,), dense_units=8, warmup_steps=1), "logs", ((x, y), (x[:16], y[:16])))
+assert m["backend"] == "jax" and m["output_dtype"] == "float32" and m["speedup"] > 0, m
+assert keras.mixed_precision.global_policy().name == "float32"
+print("OK", m["policy"], round(m["speedup"], 2))
+"""
+
+
+def test_dropin_file_runs_alone_on_the_jax_backend(tmp_path):
+    result = run_dropin("mixed_precision.py", DROPIN, tmp_path,
+                        env={**ENV, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK mixed_bfloat16" in result.stdout
