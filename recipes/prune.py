@@ -14,6 +14,8 @@ start of each epoch, so the final sparsity is logged here after fit; the
 default pruning frequency (100 steps) prunes nothing in a short run, so it is
 derived from the fine-tuning span; layers tfmot refuses (tf_keras Rescaling,
 RandomFlip, ...) are left dense and listed instead of failing the model.
+Optional: --clusters=8 then shares 8 values per kernel (tfmot's sparsity-
+preserving clustering), which gzip and int8 TFLite compress further.
 Run:    python main.py --recipe=prune
         python main.py --recipe=prune --sweep=0.5,0.7,0.8,0.9,0.95
         python main.py --recipe=prune --model=conv --dataset=mnist --data_dir=DIR
@@ -79,6 +81,7 @@ class Config:
     block_size: tuple[int, ...] | None = None  # e.g. 1,4: prune 2-D kernels in blocks of this shape
     sparsity_m_by_n: tuple[int, ...] | None = None  # e.g. 2,4: structured m zeros in every n weights
     prune_layers: tuple[str, ...] | None = None  # names of layers to prune (default: all that tfmot can wrap)
+    clusters: int = 0  # after pruning, share N distinct values per kernel, zeros kept (tfmot clustering); 0: off
     sweep: tuple[float, ...] | None = None  # e.g. 0.5,0.7,0.8,0.9,0.95: also prune to each and compare
     steps_per_epoch: int | None = None  # optional cap on training steps per epoch
     seed: int = 0  # initial weights and shuffling
@@ -100,6 +103,8 @@ class Config:
         if self.begin_step < 0 or (self.end_step is not None and self.end_step <= self.begin_step):
             raise ValueError(f"--end_step must be after --begin_step (>= 0), got "
                              f"{self.begin_step}..{self.end_step}")
+        if self.clusters < 0 or self.clusters == 1:
+            raise ValueError(f"--clusters must be 0 (off) or >= 2, got {self.clusters}")
         if self.frequency is not None and self.frequency < 1:
             raise ValueError(f"--frequency must be >= 1, got {self.frequency}")
         if self.block_size is not None and (len(self.block_size) != 2 or min(self.block_size) < 1):
@@ -185,6 +190,15 @@ def _m_by_n_fits(layer, m_by_n):
     return channels_in is not None and channels_in % m_by_n[1] == 0
 
 
+def check_layer_names(model, layer_names):
+    """Raises ValueError naming the unknown layers and the model's own."""
+    names = [layer.name for layer in model.layers]
+    unknown = sorted(set(layer_names or ()) - set(names))
+    if unknown:
+        raise ValueError(f"--prune_layers: no layer named {', '.join(unknown)}; "
+                         f"the model has {', '.join(names)}")
+
+
 def prune_model(model, schedule, block_size=None, sparsity_m_by_n=None, layer_names=None):
     """Wraps a *copy* of `model` for pruning; the model passed in is never changed.
 
@@ -194,12 +208,7 @@ def prune_model(model, schedule, block_size=None, sparsity_m_by_n=None, layer_na
     objects, so fine-tuning would prune the original too: hence the clone.
     """
     check_tf_keras_model(model)
-    names = [layer.name for layer in model.layers]
-    if layer_names is not None:
-        unknown = sorted(set(layer_names) - set(names))
-        if unknown:
-            raise ValueError(f"--prune_layers: no layer named {', '.join(unknown)}; "
-                             f"the model has {', '.join(names)}")
+    check_layer_names(model, layer_names)
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     params = {"pruning_schedule": schedule}
@@ -237,14 +246,41 @@ def strip_and_measure(pruned_model, layer_names):
     Returns (stripped_model, {layer: sparsity}, overall sparsity of those kernels).
     """
     stripped = sparsity.strip_pruning(pruned_model)
+    return (stripped, *measure_sparsity(stripped, layer_names))
+
+
+def measure_sparsity(model, layer_names):
+    """({layer: fraction of exact zeros in its kernel}, the same over all those kernels)."""
     per_layer, zeros, total = {}, 0, 0
-    for layer in stripped.layers:
+    for layer in model.layers:
         if layer.name in layer_names:
             kernel = layer.get_weights()[0]
             per_layer[layer.name] = float(np.mean(kernel == 0))
             zeros += int(np.sum(kernel == 0))
             total += kernel.size
-    return stripped, per_layer, zeros / max(total, 1)
+    return per_layer, zeros / max(total, 1)
+
+
+def cluster_model(model, layer_names, clusters):
+    """Wraps a copy of `model` for sparsity-preserving weight clustering (tfmot).
+
+    Each kernel in `layer_names` keeps its zeros and shares `clusters` distinct
+    non-zero values after fine-tuning and strip_clustering: gzip and TFLite's
+    int8 weights then need a few bits per kept weight instead of a full byte.
+    """
+    check_tf_keras_model(model)
+    clustering = tfmot.clustering.keras
+    copy = tf_keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+
+    def wrap(layer):
+        if layer.name not in layer_names:
+            return layer
+        return clustering.cluster_weights(
+            layer, number_of_clusters=clusters, preserve_sparsity=True,
+            cluster_centroids_init=clustering.CentroidInitialization.KMEANS_PLUS_PLUS)
+
+    return tf_keras.models.clone_model(copy, clone_function=wrap)
 
 
 # --- training ------------------------------------------------------------------
@@ -329,16 +365,25 @@ def reload_matches(path, model, x, atol=1e-5):
 
 # --- the run -------------------------------------------------------------------
 
-def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
-    """Prunes a copy of `baseline` to `final_sparsity`, fine-tunes, strips; returns results."""
-    (x_train, _), (x_val, y_val) = data
-    steps = config.steps_per_epoch or math.ceil(len(x_train) / config.batch_size)
+def pruning_steps(config, n_train):
+    """(steps per epoch, end_step, frequency) of the fine-tuning; ValueError if they clash."""
+    steps = config.steps_per_epoch or math.ceil(n_train / config.batch_size)
     end_step = config.end_step or steps * config.epochs
+    if end_step <= config.begin_step:
+        raise ValueError(f"--begin_step ({config.begin_step}) must be before the end of "
+                         f"pruning (step {end_step}); lower it or raise --epochs")
     frequency = config.frequency or default_frequency(config.begin_step, end_step)
     if config.schedule == "polynomial" and (end_step - config.begin_step) % frequency:
         raise ValueError(f"--end_step - --begin_step ({end_step - config.begin_step}) must be a "
                          f"multiple of --frequency ({frequency}), or the final sparsity is "
                          "never applied")
+    return steps, end_step, frequency
+
+
+def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
+    """Prunes a copy of `baseline` to `final_sparsity`, fine-tunes, strips; returns results."""
+    (x_train, _), (x_val, y_val) = data
+    steps, end_step, frequency = pruning_steps(config, len(x_train))
     schedule = make_schedule(config.schedule, min(config.initial_sparsity, final_sparsity),
                              final_sparsity, config.begin_step, end_step, frequency)
     model, pruned_names, left_dense = prune_model(
@@ -354,6 +399,14 @@ def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
           [sparsity.UpdatePruningStep(), sparsity.PruningSummaries(log_dir=log_dir)])
     log_final_sparsity(log_dir, model, step=int(model.optimizer.iterations.numpy()))
     stripped, per_layer, measured = strip_and_measure(model, pruned_names)
+    if config.clusters:
+        print(f"clustering {', '.join(pruned_names)} to {config.clusters} shared values "
+              "(zeros kept), 1 epoch")
+        clustered = cluster_model(stripped, pruned_names, config.clusters)
+        train(clustered, loss, data, 1, config.batch_size, config.finetune_learning_rate / 10,
+              steps, config.seed, [])
+        stripped = tfmot.clustering.keras.strip_clustering(clustered)
+        per_layer, measured = measure_sparsity(stripped, pruned_names)
     return {"model": stripped, "accuracy": accuracy(stripped, x_val, y_val),
             "per_layer": per_layer, "sparsity_measured": measured,
             "left_dense": left_dense, "end_step": end_step, "frequency": frequency}
@@ -395,7 +448,8 @@ def run(config, run_dir, data):
     (x_train, y_train), (x_val, y_val) = data
     num_classes = int(np.max(y_train)) + 1
     baseline, loss = build_model(x_train.shape[1:], num_classes, config.model)
-    steps = config.steps_per_epoch or math.ceil(len(x_train) / config.batch_size)
+    check_layer_names(baseline, config.prune_layers)  # bad input stops before any training
+    steps, _, _ = pruning_steps(config, len(x_train))
     print(f"== baseline: {config.model} model, {baseline.count_params():,} weights ==")
     train(baseline, loss, data, config.baseline_epochs, config.batch_size, config.learning_rate,
           steps, config.seed,
@@ -443,6 +497,7 @@ def run(config, run_dir, data):
         "layers_left_dense": len(result["left_dense"]),
         "pruning_end_step": result["end_step"],
         "pruning_frequency": result["frequency"],
+        "clusters": config.clusters,
     }
     metrics.update({f"sparsity_{name}": value for name, value in result["per_layer"].items()})
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "summary"))

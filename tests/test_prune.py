@@ -139,3 +139,19 @@ print("sparsity", round(m["sparsity_measured"], 2), m["pruned_gzip_bytes"] < m["
     result = run_dropin("prune.py", script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "sparsity 0.8 True" in result.stdout
+
+
+def test_clustering_after_pruning_keeps_the_zeros_and_shares_values(tiny_images):
+    (x_train, _), _ = tiny_images
+    model, loss = prune.build_model(x_train.shape[1:], 10)
+    pruned, names, _ = prune.prune_model(model, schedule(), layer_names=("dense_64",))
+    fit_pruned(pruned, loss, tiny_images)
+    stripped, _, _ = prune.strip_and_measure(pruned, names)
+
+    clustered = prune.cluster_model(stripped, names, clusters=4)
+    prune.train(clustered, loss, tiny_images, 1, 16, 1e-4, None, 0, [])
+    final = prune.tfmot.clustering.keras.strip_clustering(clustered)
+
+    kernel = final.get_layer("dense_64").get_weights()[0]
+    assert np.mean(kernel == 0) == pytest.approx(0.8, abs=0.01)
+    assert len(np.unique(kernel[kernel != 0])) <= 4
