@@ -386,6 +386,9 @@ def _ms(seconds, q):
 def run(config, run_dir, data):
     """Trains with the profiler and the monitor on; returns flat metrics for metrics.json."""
     start = time.perf_counter()
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"the profile recipe needs Keras's TensorFlow backend, not "
+                         f"{keras.backend.backend()}; set KERAS_BACKEND=tensorflow")
     keras.utils.set_random_seed(config.seed)
     (x_train, y_train), (x_val, y_val) = data
     batch_size = min(config.batch_size, len(x_train))

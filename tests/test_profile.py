@@ -77,6 +77,8 @@ def test_profile_run_writes_trace_that_tensorboard_profile_tab_lists(profiled):
             try:
                 runs = get_json(f"http://127.0.0.1:{port}/data/plugin/profile/runs")
                 plugins = get_json(f"http://127.0.0.1:{port}/data/plugins_listing")
+                tools = get_json(f"http://127.0.0.1:{port}/data/plugin/profile/run_tools"
+                                 f"?run={traces[0].parent.name}")
                 break
             except OSError:  # not listening yet
                 assert server.poll() is None, "tensorboard exited early"
@@ -87,6 +89,8 @@ def test_profile_run_writes_trace_that_tensorboard_profile_tab_lists(profiled):
     assert runs is not None, "tensorboard did not answer within 60 s"
     assert "profile" in plugins
     assert session in [pathlib.PurePath(run).name for run in runs], runs
+    # The trace opens: the tab offers its trace viewer and input-pipeline analysis.
+    assert any(t.startswith("trace_viewer") for t in tools) and "input_pipeline_analyzer" in tools
 
 
 def test_monitor_scalars_share_the_loss_step_and_time_axis(profiled):
