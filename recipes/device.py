@@ -210,37 +210,39 @@ def flops_per_example(input_dim, hidden_units, num_classes):
     return 6 * (input_dim * hidden_units + hidden_units * num_classes)
 
 
-def _compile_fn(fn):
+def _compiled_variants(fn):
+    """`fn` compiled each way the current backend can run it (TensorFlow: graph and XLA)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
-        return tf.function(fn)
+        return [tf.function(fn), tf.function(fn, jit_compile=True)]
     if backend == "jax":
         import jax
-        return jax.jit(fn)
-    return fn
+        return [jax.jit(fn)]
+    return [fn]
 
 
 def matmul_flops_per_sec(m, k, n, chain=20, repeats=7):
-    """float32 FLOP/s of an (m,k) x (k,n) matmul on the default device: best of timed chains.
+    """float32 FLOP/s of an (m,k) x (k,n) matmul on the default device: the best timed chain.
 
-    Each product feeds the next one's input, so no compiler can hoist or merge them.
+    Each product feeds the next one's input, so no compiler can hoist or merge them;
+    on TensorFlow both the plain graph kernel and XLA's are timed and the faster counts.
     """
     def chained(a, b):
         for _ in range(chain):
             a = a + keras.ops.matmul(a, b)[:, :1] * 1e-12
         return a
 
-    fn = _compile_fn(chained)
     rng = np.random.default_rng(0)
     a = keras.ops.convert_to_tensor(rng.random((m, k), np.float32))
     b = keras.ops.convert_to_tensor(rng.random((k, n), np.float32))
-    keras.ops.convert_to_numpy(fn(a, b))  # trace and compile
     best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        keras.ops.convert_to_numpy(fn(a, b))
-        best = min(best, time.perf_counter() - start)
+    for fn in _compiled_variants(chained):
+        keras.ops.convert_to_numpy(fn(a, b))  # trace and compile
+        for _ in range(repeats):
+            start = time.perf_counter()
+            keras.ops.convert_to_numpy(fn(a, b))
+            best = min(best, time.perf_counter() - start)
     return chain * 2 * m * k * n / best
 
 
@@ -427,12 +429,16 @@ def run_on_device(device, config, data_file, run_dir, work_dir):
 
 
 def explain(device, r):
-    """Where the job's time went on one device, in one line."""
-    return (f"{device}: the arithmetic needs >= {r['compute_floor_s']:.2f} s of the "
-            f"{r['wall_time_s']:.2f} s job ({r['compute_share']:.0%}, at "
-            f"{r['matmul_gflops']:.0f} GFLOP/s); the other {1 - r['compute_share']:.0%} is per-step "
-            f"overhead and the input pipeline. Bigger --batch_size and --steps_per_execution "
-            f"shrink it.")
+    """Where the job's time went on one device, in one line, with the advice that follows."""
+    first, wall, share = r["first_step_s"], r["wall_time_s"], r["compute_share"]
+    line = (f"{device}: {wall:.2f} s = {first:.2f} s first call (tracing, compiling, filling the "
+            f"pipeline) + {wall - first:.2f} s of steps; the arithmetic needs >= "
+            f"{r['compute_floor_s']:.2f} s ({share:.0%}, at {r['matmul_gflops']:.0f} GFLOP/s), "
+            f"the other {1 - share:.0%} is per-step overhead, compiling and the input pipeline.")
+    if share < 0.5:
+        line += (" Overhead-bound: a faster device speeds up only the arithmetic share; a bigger "
+                 "--batch_size (try 1000) or --steps_per_execution shrinks the rest.")
+    return line
 
 
 def format_table(results, prices):

@@ -126,3 +126,10 @@ def test_recipe_file_runs_alone_on_jax_without_tensorflow(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT jax 0 True cpu" in proc.stdout, proc.stdout[-2000:]
     assert (tmp_path / "dropin" / "logs" / "cpu.log").exists()
+
+
+def test_nan_loss_on_every_device_is_a_floating_point_error(tmp_path, tiny_images, monkeypatch):
+    why = "FloatingPointError: training loss became nan; lower --learning_rate (exit code 1)"
+    monkeypatch.setattr(device, "run_on_device", lambda *args: {"error": why})
+    with pytest.raises(FloatingPointError, match="lower --learning_rate"):
+        device.run(tiny(devices="cpu,gpu:0"), str(tmp_path), tiny_images)
