@@ -415,15 +415,16 @@ def run(config, run_dir, data):
              "CPU and memory only"))
     pipeline_rate = pipeline_batches_per_sec(train_ds, min(50, total_steps))
     print(f"training {total_steps} steps of {batch_size}; tracing steps {first}-{last}")
-    with monitor:
-        waits, steps, losses = timed_training(
-            make_train_step(model, loss_fn, optimizer), train_ds, total_steps, writer, profiler,
-            on_step=lambda step: current.__setitem__("step", step))
+    try:
+        with monitor:
+            waits, steps, losses = timed_training(
+                make_train_step(model, loss_fn, optimizer), train_ds, total_steps, writer,
+                profiler, on_step=lambda step: current.__setitem__("step", step))
+    finally:
+        writer.close()  # flushes; the loss and monitor series stay even if training failed
     val_loss, val_accuracy = model.evaluate(
         make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False, repeat=False),
         verbose=0)
-    writer.flush()
-    writer.close()
 
     skip = config.warmup_steps if total_steps > config.warmup_steps else 1
     waits, steps = np.array(waits[skip:] or waits), np.array(steps[skip:] or steps)
