@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import types
@@ -36,8 +37,13 @@ SHARED_FLAGS = {
     "steps_per_epoch": (None, "optional cap on training steps per epoch"),
     "logdir": ("runs", "where run folders go: <logdir>/<recipe>/<UTC timestamp>"),
     "seed": (0, "random seed for data generation, splits and initial weights"),
+    "strategy": ("auto", "tf.distribute strategy: auto, default, mirrored, multi_worker (reads "
+                         "TF_CONFIG) or tpu; with several replicas --batch_size is per replica"),
+    "resume": (False, "continue the newest unfinished run of this same command from its last "
+                      "finished epoch, in the same run folder"),
 }
 POSITIVE_INTS = ("epochs", "batch_size", "steps_per_epoch")
+INT_FLAGS = POSITIVE_INTS + ("seed",)
 
 
 class UsageError(Exception):
@@ -105,8 +111,10 @@ def define_config_flags(config_cls, fv):
 
 def define_shared_flags(fv):
     for name, (default, help_text) in SHARED_FLAGS.items():
-        if name in ("epochs", "batch_size", "steps_per_epoch", "seed"):
+        if name in INT_FLAGS:
             flags.DEFINE_integer(name, default, help_text, flag_values=fv)
+        elif name == "resume":
+            flags.DEFINE_boolean(name, default, help_text, flag_values=fv)
         else:
             flags.DEFINE_string(name, default, help_text, flag_values=fv)
 
@@ -141,6 +149,8 @@ def print_usage():
     print("\nShared flags:")
     for name, (default, help_text) in SHARED_FLAGS.items():
         print(f"  --{name}: {help_text}" + (f" (default: {default})" if default is not None else ""))
+    print("\nInterrupted runs: Ctrl-C exits with code 130 and keeps the last finished epoch; "
+          "run the same command with --resume to continue it.")
 
 
 def print_recipe_help(name, module, fv):
@@ -181,6 +191,23 @@ def check_writable(folder):
             pass
     except OSError as e:
         raise UsageError(f"--logdir is not writable: {folder} ({e.strerror or e})") from None
+
+
+def _without_resume(args):
+    return [a for a in args if a.split("=")[0] not in ("--resume", "--noresume")]
+
+
+def find_resumable(recipe_dir, argv):
+    """The newest run folder of this same command that has no metrics.json yet."""
+    wanted = _without_resume(argv[1:])
+    for run_dir in sorted(recipe_dir.iterdir(), reverse=True):
+        try:
+            flags_json = json.loads((run_dir / "flags.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if _without_resume(flags_json.get("argv", [])) == wanted:
+            return None if (run_dir / "metrics.json").exists() else run_dir
+    return None
 
 
 def make_run_dir(recipe_dir):
@@ -265,28 +292,101 @@ def print_summary(run_dir, metrics, headline, logdir):
     print(f"See it: tensorboard --logdir {logdir}")
 
 
-def main(argv):
-    name, module, fv, config = parse(argv)
-    dataset, data = load_data(module, fv, config)
+def make_strategy(name, module, fv):
+    """The tf.distribute strategy to pass to run(), or None for recipes without one."""
+    import distribute  # Deferred: it imports TensorFlow when a strategy is made.
+
+    if "strategy" not in inspect.signature(module.run).parameters:
+        if fv.strategy not in ("auto", "default"):
+            fail(f"--strategy={fv.strategy} is not supported by --recipe={name} "
+                 "(README: which recipes support which strategy)")
+        return None
+    if fv.resume and fv.strategy == "multi_worker":
+        fail("--resume is not supported with --strategy=multi_worker")
+    try:
+        return distribute.make(fv.strategy)
+    except distribute.StrategyError as e:
+        fail(str(e))
+
+
+def prepare_run_dir(name, module, fv, argv, chief):
+    """A fresh run folder, the one --resume continues, or a temp dir for non-chief workers."""
+    if not chief:
+        return pathlib.Path(tempfile.mkdtemp(prefix=f"{name}-worker-"))
     recipe_dir = pathlib.Path(fv.logdir) / name
     try:
         check_writable(recipe_dir)
-        run_dir = make_run_dir(recipe_dir)
+        if fv.resume:
+            if not getattr(module, "RESUMABLE", False):
+                raise UsageError(f"--recipe={name} cannot resume (it keeps no per-epoch checkpoint)")
+            run_dir = find_resumable(recipe_dir, argv)
+            if run_dir is not None:
+                print(f"Resuming {run_dir}")
+                (run_dir / "INTERRUPTED").unlink(missing_ok=True)
+                return run_dir
+            print("Nothing to resume for this command: starting a new run")
+        return make_run_dir(recipe_dir)
     except UsageError as e:
         fail(str(e))
-    write_json_atomically(run_dir / "flags.json", {
-        "recipe": name, "dataset": dataset, "argv": argv[1:],
-        "config": dataclasses.asdict(config),
-        "flags": {k: fv[k].value for k in SHARED_FLAGS}})
+
+
+def is_out_of_memory(error):
+    return (type(error).__name__ == "ResourceExhaustedError"
+            or "out of memory" in str(error).lower())
+
+
+def exit_on_interrupt(run_dir):
+    """Ctrl-C marks the run folder INTERRUPTED and leaves at once, exit code 130.
+
+    A KeyboardInterrupt raised inside a TensorFlow step can abort the process
+    (heap corruption, seen here as free() errors), so the handler does not
+    unwind: every artifact is written to a temp name and renamed, so leaving
+    now keeps the last finished epoch whole, as a kill would.
+    """
+    def handler(signum, frame):
+        (run_dir / "INTERRUPTED").write_text("interrupted by Ctrl-C; its last finished epoch is "
+                                             "kept: run the same command with --resume\n")
+        sys.stdout.flush()
+        print(f"error: interrupted; run folder kept: {run_dir}", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(argv):
+    import distribute
+
+    name, module, fv, config = parse(argv)
+    strategy = make_strategy(name, module, fv)  # before any TensorFlow op runs
+    dataset, data = load_data(module, fv, config)
+    chief = distribute.is_chief()
+    run_dir = prepare_run_dir(name, module, fv, argv, chief)
+    if not (run_dir / "flags.json").exists():
+        write_json_atomically(run_dir / "flags.json", {
+            "recipe": name, "dataset": dataset, "argv": argv[1:],
+            "config": dataclasses.asdict(config),
+            "flags": {k: fv[k].value for k in SHARED_FLAGS}})
+    extra = {} if strategy is None else {"strategy": strategy}
+    if chief:
+        exit_on_interrupt(run_dir)
     try:
-        metrics = module.run(config, str(run_dir), data)
+        metrics = module.run(config, str(run_dir), data, **extra)
+        if chief:
+            write_json_atomically(run_dir / "metrics.json", metrics)
+            print_summary(run_dir, metrics, getattr(module, "HEADLINE", ()), fv.logdir)
     except ArithmeticError as e:  # a NaN/Inf guard fired: the run is over, its logs stay
         fail(f"{e} (run folder: {run_dir})", code=1)
     except ValueError as e:  # the recipe rejected its input before training: leave nothing
         shutil.rmtree(run_dir, ignore_errors=True)
         fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-    write_json_atomically(run_dir / "metrics.json", metrics)
-    print_summary(run_dir, metrics, getattr(module, "HEADLINE", ()), fv.logdir)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        fail(f"out of memory at --batch_size={fv.batch_size or 'default'}: "
+             "try a smaller --batch_size", code=1)
+    finally:
+        if not chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ Copy:   this file alone works in any project with tensorflow and keras:
         run(Config(), "logs", ((x_train, y_train), (x_val, y_val))).
 """
 import dataclasses
+import glob
+import json
 import os
+import shutil
 import time
 
 import keras
@@ -27,6 +30,7 @@ import tensorflow as tf
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
 DEFAULT_DATASET = "shapes"
+RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed sweep
 HEADLINE = ("best_batch_size", "best_examples_per_sec", "best_val_accuracy",
             "throughput_ratio_largest_vs_smallest", "wall_time_s")
 
@@ -40,6 +44,7 @@ class Config:
     base_batch_size: int = 32  # the batch size that learning_rate is tuned for
     warmup_steps: int = 5  # first steps left out of throughput (they trace and compile)
     accuracy_tolerance: float = 0.01  # best batch: the fastest within this of the best val accuracy
+    scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     steps_per_epoch: int | None = None  # optional cap on steps per epoch
     seed: int = 0  # initial weights and shuffling
 
@@ -67,8 +72,14 @@ def build_model(input_shape, num_classes):
 
 
 def make_dataset(x, y, batch_size, seed, shuffle=True, repeat=False):
-    """An in-memory tf.data pipeline; full batches only, so every step is comparable."""
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    """An in-memory tf.data pipeline; full batches only, so every step is comparable.
+
+    Under a multi-worker strategy each worker takes its share of every batch
+    (sharding by data: an in-memory source has no files to shard by).
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).with_options(options)
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     batch_size = min(batch_size, len(x))
@@ -101,31 +112,162 @@ def throughput(step_seconds, batch_size, warmup_steps):
             "step_time_ms_p90": 1000 * float(np.percentile(steady, 90))}
 
 
-def train_at_batch_size(initial_weights, input_shape, num_classes, data, batch_size,
-                        learning_rate, config, log_dir):
-    """Trains a fresh copy of the model from `initial_weights`; returns its measurements."""
-    (x_train, y_train), (x_val, y_val) = data
-    model, loss = build_model(input_shape, num_classes)
-    model.set_weights(initial_weights)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
-    timer = StepTimer()
-    start = time.perf_counter()
-    history = model.fit(
-        make_dataset(x_train, y_train, batch_size, config.seed,
-                     repeat=config.steps_per_epoch is not None),
-        validation_data=make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False),
-        epochs=config.epochs, steps_per_epoch=config.steps_per_epoch, verbose=2,
-        callbacks=[timer, keras.callbacks.TerminateOnNaN(),
-                   keras.callbacks.TensorBoard(log_dir=log_dir)])
-    wall = time.perf_counter() - start
-    final_loss = history.history["loss"][-1]
-    if not np.isfinite(final_loss):
-        raise FloatingPointError(f"training loss became {final_loss} at batch size {batch_size} "
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Model and optimizer saved after each epoch but the last, atomically.
+
+    Each save goes to a temporary name and is renamed to epoch_NNNN.keras, so a
+    kill mid-save leaves the previous checkpoint whole. (Keras' BackupAndRestore
+    writes in place.) The last epoch needs none: the sweep records its result.
+    """
+
+    def __init__(self, folder, epochs):
+        super().__init__()
+        self.folder, self.epochs = folder, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        final = os.path.join(self.folder, f"epoch_{epoch + 1:04d}.keras")
+        partial = os.path.join(self.folder, f".partial_epoch_{epoch + 1:04d}.keras")
+        try:
+            self.model.save(partial)
+            os.replace(partial, final)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+
+
+def latest_checkpoint(folder):
+    """(path, epochs done) of the newest whole checkpoint, or (None, 0)."""
+    found = sorted(glob.glob(os.path.join(folder, "epoch_*.keras")))
+    if not found:
+        return None, 0
+    return found[-1], int(os.path.basename(found[-1])[len("epoch_"):-len(".keras")])
+
+
+def write_json_atomically(path, payload):
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(payload, f)
+    os.replace(partial, path)
+
+
+def check_finite(loss, batch_size, learning_rate):
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss} at batch size {batch_size} "
                                  f"(learning rate {learning_rate:g}); lower --learning_rate")
-    return {**throughput(timer.seconds, min(batch_size, len(x_train)), config.warmup_steps),
-            "val_loss": history.history["val_loss"][-1],
-            "val_accuracy": history.history["val_accuracy"][-1],
-            "learning_rate": learning_rate, "wall_time_s": wall}
+
+
+def fit_distributed(model, optimizer, loss, train_ds, val_ds, epochs, strategy, log_dir):
+    """What fit does, as a custom loop over strategy.run, for MultiWorkerMirroredStrategy.
+
+    Keras 3's fit fails under MultiWorkerMirroredStrategy ("Attempt to convert
+    a value (PerReplica...)", keras-team/keras#20585), while the same Keras
+    model, optimizer and loss run fine in a tf.function step under
+    strategy.run. Returns (history dict, seconds per training step) and logs
+    epoch_loss/epoch_accuracy like keras.callbacks.TensorBoard does.
+    """
+    global_batch = int(next(iter(train_ds))[0].shape[0])
+    binary = model.output_shape[-1] == 1
+
+    def loss_and_correct(x, y, training):
+        pred = model(x, training=training)
+        y_true = tf.cast(tf.expand_dims(y, -1), pred.dtype) if binary else y
+        per_example = loss.call(y_true, pred)
+        label = tf.cast(pred[:, 0] > 0.5, tf.int64) if binary else tf.argmax(pred, -1)
+        correct = tf.reduce_sum(tf.cast(label == tf.cast(y, tf.int64), tf.float32))
+        return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch), correct
+
+    def train_replica(x, y):
+        with tf.GradientTape() as tape:
+            step_loss, correct = loss_and_correct(x, y, True)
+        grads = tape.gradient(step_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return step_loss, correct
+
+    def reduced(fn, x, y):
+        step_loss, correct = strategy.run(fn, args=(x, y))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, step_loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+
+    train_step = tf.function(lambda x, y: reduced(train_replica, x, y))
+    val_step = tf.function(lambda x, y: reduced(lambda a, b: loss_and_correct(a, b, False), x, y))
+    writers = {split: tf.summary.create_file_writer(os.path.join(log_dir, split))
+               for split in ("train", "validation")}
+    history, seconds = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}, []
+    for epoch in range(epochs):
+        for prefix, ds, step in (("", train_ds, train_step), ("val_", val_ds, val_step)):
+            losses, correct, seen = [], 0.0, 0
+            for x, y in strategy.experimental_distribute_dataset(ds):
+                start = time.perf_counter()
+                step_loss, step_correct = step(x, y)
+                losses.append(float(step_loss))
+                if not prefix:
+                    seconds.append(time.perf_counter() - start)
+                correct, seen = correct + float(step_correct), seen + global_batch
+            history[prefix + "loss"].append(float(np.mean(losses)))
+            history[prefix + "accuracy"].append(correct / seen)
+            with writers["validation" if prefix else "train"].as_default():
+                tf.summary.scalar("epoch_loss", history[prefix + "loss"][-1], step=epoch)
+                tf.summary.scalar("epoch_accuracy", history[prefix + "accuracy"][-1], step=epoch)
+        print(f"Epoch {epoch + 1}/{epochs} - loss: {history['loss'][-1]:.4f} - accuracy: "
+              f"{history['accuracy'][-1]:.4f} - val_loss: {history['val_loss'][-1]:.4f} - "
+              f"val_accuracy: {history['val_accuracy'][-1]:.4f}", flush=True)
+        if not np.isfinite(history["loss"][-1]):
+            break
+    for writer in writers.values():
+        writer.close()
+    return history, seconds
+
+
+def train_at_batch_size(initial_weights, input_shape, num_classes, data, batch_size,
+                        learning_rate, config, run_dir, strategy):
+    """Trains a fresh copy of the model from `initial_weights`; returns its measurements.
+
+    `batch_size` is per replica; each step takes batch_size * replicas examples.
+    A checkpoint left by a killed run of the same folder is continued.
+    """
+    (x_train, y_train), (x_val, y_val) = data
+    global_batch = min(batch_size * strategy.num_replicas_in_sync, len(x_train))
+    log_dir = os.path.join(run_dir, f"batch_{batch_size}")
+    train_ds = make_dataset(x_train, y_train, global_batch, config.seed,
+                            repeat=config.steps_per_epoch is not None)
+    if config.steps_per_epoch is not None:
+        train_ds = train_ds.take(config.steps_per_epoch)  # same cap for fit and the custom loop
+    val_ds = make_dataset(x_val, y_val, global_batch, config.seed, shuffle=False)
+    checkpoint_dir = os.path.join(run_dir, "checkpoints", f"batch_{batch_size}")
+    checkpoint, epochs_done = latest_checkpoint(checkpoint_dir)
+    start = time.perf_counter()
+    with strategy.scope():
+        if checkpoint:
+            print(f"Resuming batch size {batch_size} after epoch {epochs_done} from {checkpoint}")
+            model = keras.models.load_model(checkpoint)
+        else:
+            model, loss = build_model(input_shape, num_classes)
+            model.set_weights(initial_weights)
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
+                          metrics=["accuracy"])
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        history, seconds = fit_distributed(model, model.optimizer, model.loss, train_ds, val_ds,
+                                           config.epochs, strategy, log_dir)
+    else:
+        timer = StepTimer()
+        history = model.fit(
+            train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=epochs_done,
+            shuffle=False,  # make_dataset shuffles; fit's own flag only warns for tf.data
+            verbose=2, callbacks=[
+                timer, keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.TensorBoard(log_dir=log_dir),
+                EpochCheckpoint(checkpoint_dir, config.epochs)]).history
+        seconds = timer.seconds
+    check_finite(history["loss"][-1], batch_size, learning_rate)
+    warmup = config.warmup_steps if not checkpoint else 1  # a resumed run compiles once more
+    return {**throughput(seconds, global_batch, warmup),
+            "val_loss": history["val_loss"][-1], "val_accuracy": history["val_accuracy"][-1],
+            "learning_rate": learning_rate, "wall_time_s": time.perf_counter() - start}
 
 
 def pick_best(results, tolerance):
@@ -156,9 +298,16 @@ def format_table(results, best):
     return "\n".join(lines)
 
 
-def run(config, run_dir, data):
-    """Sweeps the batch sizes; returns flat metrics for metrics.json."""
+def run(config, run_dir, data, strategy=None):
+    """Sweeps the batch sizes; returns flat metrics for metrics.json.
+
+    `strategy` is a tf.distribute strategy (default: the one-device default);
+    batch sizes are per replica. Batch sizes already finished in `run_dir`
+    (a resumed run) are read back instead of trained again.
+    """
     start = time.perf_counter()
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(config.seed)
     (x_train, y_train), _ = data
     num_classes = int(np.max(y_train)) + 1
@@ -166,11 +315,21 @@ def run(config, run_dir, data):
     initial_weights = model.get_weights()
     results = {}
     for batch_size in config.batch_sizes:
+        result_file = os.path.join(run_dir, f"batch_{batch_size}", "result.json")
+        if os.path.exists(result_file):
+            with open(result_file) as f:
+                results[batch_size] = json.load(f)
+            print(f"\n== batch size {batch_size}: finished in an earlier run, kept ==")
+            continue
         lr = config.learning_rate * (batch_size / config.base_batch_size if config.scale_lr else 1)
-        print(f"\n== batch size {batch_size} (learning rate {lr:.2e}) ==")
+        lr *= replicas if config.scale_lr_with_replicas else 1
+        print(f"\n== batch size {batch_size} x {replicas} replica(s) (learning rate {lr:.2e}) ==")
         results[batch_size] = train_at_batch_size(
             initial_weights, x_train.shape[1:], num_classes, data, batch_size, lr, config,
-            os.path.join(run_dir, f"batch_{batch_size}"))
+            run_dir, strategy)
+        os.makedirs(os.path.dirname(result_file), exist_ok=True)
+        write_json_atomically(result_file, results[batch_size])
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # the sweep is done
     best = pick_best(results, config.accuracy_tolerance)
     log_sweep(os.path.join(run_dir, "sweep"), results)
     print("\n" + format_table(results, best))
@@ -178,6 +337,7 @@ def run(config, run_dir, data):
     smallest, largest = min(results), max(results)
     metrics.update(
         best_batch_size=best,
+        replicas=replicas,
         best_examples_per_sec=results[best]["examples_per_sec"],
         best_val_accuracy=results[best]["val_accuracy"],
         throughput_ratio_largest_vs_smallest=(results[largest]["examples_per_sec"]

@@ -1,0 +1,148 @@
+"""Runs that die, are interrupted or are spread over workers never lose finished work."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli
+
+import main
+from recipes import batch
+
+# 400 steps of batch 4: an epoch takes about a second on 2 cores, long enough
+# to stop the run inside the epoch we aim at.
+LONG_RUN = ["--recipe=batch", "--batch_sizes=4", "--epochs=5", "--steps_per_epoch=400",
+            "--warmup_steps=1"]
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def read_until(process, marker, timeout=240):
+    """Lines of stdout up to and including the first that contains `marker`."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"never saw {marker!r}; got {lines[-5:]}")
+
+
+def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
+    logdir = tmp_path / "runs"
+    first = start_cli(*LONG_RUN, f"--logdir={logdir}")
+    read_until(first, "Epoch 3/5")  # epochs 1 and 2 are finished and checkpointed
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    run_dir = only_run_dir(logdir, "batch")
+    assert not (run_dir / "metrics.json").exists()
+
+    second = run_cli(*LONG_RUN, f"--logdir={logdir}", "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "after epoch 2" in second.stdout
+    epochs_run = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("Epoch ")]
+    assert epochs_run == ["3/5", "4/5", "5/5"]
+    assert only_run_dir(logdir, "batch") == run_dir  # the same folder, continued
+    assert json.loads((run_dir / "metrics.json").read_text())["best_batch_size"] == 4
+    tags = read_tensorboard_tags(run_dir / "batch_4" / "train")
+    assert len(tags["epoch_loss"]) == 5  # the full history on one timeline
+
+
+def test_ctrl_c_keeps_checkpoint_and_exits_130(tmp_path):
+    logdir = tmp_path / "runs"
+    process = start_cli(*LONG_RUN, f"--logdir={logdir}")
+    read_until(process, "Epoch 2/5")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert error_lines(stderr)[-1].startswith("error: interrupted; run folder kept")
+    run_dir = only_run_dir(logdir, "batch")
+    assert (run_dir / "INTERRUPTED").exists() and not (run_dir / "metrics.json").exists()
+    checkpoint, epochs_done = batch.latest_checkpoint(str(run_dir / "checkpoints" / "batch_4"))
+    assert epochs_done == 1
+    import keras
+    assert keras.models.load_model(checkpoint).optimizer is not None
+
+
+def test_failed_checkpoint_save_leaves_previous_checkpoint_whole(tmp_path, tiny_images):
+    (x, y), _ = tiny_images
+    model, loss = batch.build_model(x.shape[1:], 10)
+    model.compile(optimizer="adam", loss=loss)
+    saver = batch.EpochCheckpoint(str(tmp_path), epochs=5)
+    saver.set_model(model)
+    saver.on_epoch_end(0)
+
+    def crash_mid_write(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        raise OSError("disk full")
+
+    model.save = crash_mid_write
+    with pytest.raises(OSError):
+        saver.on_epoch_end(1)
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.keras"]
+    assert batch.latest_checkpoint(str(tmp_path))[1] == 1
+
+
+def test_nan_loss_is_one_line_exit_1_and_no_metrics(tmp_path):
+    result = run_cli("--recipe=batch", "--batch_sizes=32", "--epochs=1", "--steps_per_epoch=20",
+                     "--learning_rate=1e30", f"--logdir={tmp_path}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "training loss became nan" in lines[0]
+    assert not (only_run_dir(tmp_path, "batch") / "metrics.json").exists()
+
+
+def test_out_of_memory_errors_are_recognised():
+    import tensorflow as tf
+    assert main.is_out_of_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"))
+    assert not main.is_out_of_memory(RuntimeError("shapes do not match"))
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_trains_on_two_local_workers(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workers = []
+    for index in range(2):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                               "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, str(REPO / "main.py"), "--recipe=batch", "--strategy=multi_worker",
+             "--batch_sizes=8", "--epochs=2", "--steps_per_epoch=5", "--warmup_steps=1",
+             f"--logdir={tmp_path / f'runs{index}'}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outputs = [w.communicate(timeout=240) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-2000:]
+        assert "x 2 replica(s)" in out
+    metrics = json.loads((only_run_dir(tmp_path / "runs0", "batch") / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and np.isfinite(metrics["val_loss_b8"])
+    assert not (tmp_path / "runs1").exists()  # only the chief writes a run folder
+    tags = read_tensorboard_tags(only_run_dir(tmp_path / "runs0", "batch") / "batch_8" / "validation")
+    assert len(tags["epoch_accuracy"]) == 2
