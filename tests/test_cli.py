@@ -1,8 +1,6 @@
 """main.py as a user meets it: help, bad input, the run folder, TensorBoard."""
-import gzip
 import json
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from conftest import ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags
 
 import main
 from recipes import RECIPES
+from test_bad_input import CASES as BAD_INPUT, make_folders
 
 TINY_BATCH = ["--recipe=batch", "--batch_sizes=8,16", "--epochs=2", "--steps_per_epoch=3"]
 
@@ -49,62 +48,25 @@ def test_recipe_help_shows_its_config_flags():
     assert "--epochs" in result.stdout
 
 
-def _idx_gz(path, magic, dims, payload):
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:]))
-        f.write(payload)
+# End to end in a subprocess (exit code, stderr as a user sees it); the full
+# sweep of bad inputs runs in-process in test_bad_input.py.
+END_TO_END = ["unknown_recipe", "zero_epochs", "truncated_idx", "unwritable_logdir"]
 
 
-def _truncated_idx_dir(folder):
-    folder.mkdir()
-    _idx_gz(folder / "train-images-idx3-ubyte.gz", 2051, (5, 28, 28), bytes(5 * 28 * 28))
-    _idx_gz(folder / "train-labels-idx1-ubyte.gz", 2049, (5,), bytes(5))
-    _idx_gz(folder / "t10k-images-idx3-ubyte.gz", 2051, (3, 28, 28), bytes(100))  # truncated
-    _idx_gz(folder / "t10k-labels-idx1-ubyte.gz", 2049, (3,), bytes(3))
-    return folder
-
-
-def _bad_input_cases(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    (flat / "a.jpg").write_bytes(b"not really")
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    return {
-        "unknown_recipe": (["--recipe=nope"], "choose one of batch"),
-        "unknown_dataset": (TINY_BATCH + ["--dataset=cifar"], "unknown --dataset=cifar"),
-        "zero_epochs": (TINY_BATCH + ["--epochs=0"], "--epochs must be at least 1"),
-        "negative_batch_size": (["--recipe=batch", "--batch_size=-3"], "--batch_size must be at least 1"),
-        "missing_data_dir": (TINY_BATCH + [f"--data_dir={tmp_path / 'nowhere'}"], "does not exist"),
-        "empty_data_dir": (TINY_BATCH + [f"--data_dir={empty}"], "is empty"),
-        "no_class_folders": (TINY_BATCH + [f"--data_dir={flat}"], "no class sub-folders"),
-        "truncated_idx": (TINY_BATCH + ["--dataset=mnist", f"--data_dir={_truncated_idx_dir(tmp_path / 'idx')}"],
-                          "t10k-images-idx3-ubyte.gz is truncated"),
-        "unwritable_logdir": (TINY_BATCH, "--logdir is not writable"),
-        "bad_recipe_flag_value": (TINY_BATCH + ["--batch_sizes=8,x"], "batch_sizes"),
-    }, a_file
-
-
-CASES = ["unknown_recipe", "unknown_dataset", "zero_epochs", "negative_batch_size",
-         "missing_data_dir", "empty_data_dir", "no_class_folders", "truncated_idx",
-         "unwritable_logdir", "bad_recipe_flag_value"]
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", END_TO_END)
 def test_bad_input_is_one_line_error_with_exit_2_and_no_run_folder(case, tmp_path):
-    cases, a_file = _bad_input_cases(tmp_path)
-    args, expected = cases[case]
-    # A logdir below a plain file can never be created, even by root.
-    logdir = a_file / "runs" if case == "unwritable_logdir" else tmp_path / "runs"
-    result = run_cli(*args, f"--logdir={logdir}")
+    make_folders(tmp_path)
+    args, expected = BAD_INPUT[case]
+    args = [a.replace("{root}", str(tmp_path)) for a in args]
+    if not any(a.startswith("--logdir") for a in args):
+        args.append(f"--logdir={tmp_path / 'runs'}")
+    result = run_cli(*args)
     lines = error_lines(result.stderr)
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: ") and expected in lines[0]
     assert "Traceback" not in result.stderr
-    assert not list(logdir.glob("*/*"))  # no run folder, not even a half-made one
+    assert not list((tmp_path / "runs").glob("*/*"))  # no run folder, not even a half-made one
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,102 @@
+"""Every bad input across the CLI and the recipes: one line, non-zero exit, nothing left.
+
+The cases run main.main() in this process (one TensorFlow import for all of
+them); tests/test_cli.py checks a few of the same end to end in subprocesses.
+README's troubleshooting section lists these messages.
+"""
+import gzip
+import struct
+
+import pytest
+from PIL import Image
+
+import main
+
+
+def idx_gz(path, magic, dims, payload):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:]))
+        f.write(payload)
+
+
+def make_folders(root):
+    """The bad data folders the cases point at."""
+    (root / "empty").mkdir()
+    (root / "flat").mkdir()
+    (root / "flat" / "a.jpg").write_bytes(b"not really")
+    (root / "one_class" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "one_class" / "cats" / "0.png")
+    idx = root / "idx"
+    idx.mkdir()
+    idx_gz(idx / "train-images-idx3-ubyte.gz", 2051, (5, 28, 28), bytes(5 * 28 * 28))
+    idx_gz(idx / "train-labels-idx1-ubyte.gz", 2049, (5,), bytes(5))
+    idx_gz(idx / "t10k-images-idx3-ubyte.gz", 2051, (3, 28, 28), bytes(100))  # truncated
+    idx_gz(idx / "t10k-labels-idx1-ubyte.gz", 2049, (3,), bytes(3))
+    (root / "a_file").write_text("not a folder")
+
+
+BATCH = ["--recipe=batch", "--batch_sizes=8", "--epochs=1", "--steps_per_epoch=2"]
+# name: (argv after main.py, with {root} for the temp dir; expected text in the error line)
+CASES = {
+    # the CLI and its shared flags
+    "unknown_recipe": (["--recipe=nope"], "unknown recipe 'nope'; choose one of batch"),
+    "no_recipe": (["--epochs=2"], "--recipe is required"),
+    "unknown_flag": (BATCH + ["--nope=1"], "Unknown command line flag 'nope'"),
+    "not_a_number": (BATCH + ["--seed=two"], "--seed"),
+    "stray_argument": (BATCH + ["extra"], "unexpected arguments: extra"),
+    "unknown_dataset": (BATCH + ["--dataset=cifar"], "unknown --dataset=cifar"),
+    "zero_epochs": (BATCH + ["--epochs=0"], "--epochs must be at least 1"),
+    "negative_batch_size": (["--recipe=prune", "--batch_size=-3"], "--batch_size must be at least 1"),
+    "zero_steps_per_epoch": (BATCH + ["--steps_per_epoch=0"], "--steps_per_epoch must be at least 1"),
+    "flag_recipe_lacks": (["--recipe=batch", "--batch_size=64"], "--batch_size does not apply"),
+    "unwritable_logdir": (BATCH + ["--logdir={root}/a_file/runs"], "--logdir is not writable"),
+    # data
+    "missing_data_dir": (BATCH + ["--data_dir={root}/nowhere"], "does not exist"),
+    "empty_data_dir": (BATCH + ["--data_dir={root}/empty"], "is empty"),
+    "no_class_folders": (BATCH + ["--data_dir={root}/flat"], "no class sub-folders"),
+    "one_class_folder": (BATCH + ["--data_dir={root}/one_class"], "one class folder (cats)"),
+    "truncated_idx": (BATCH + ["--dataset=mnist", "--data_dir={root}/idx"],
+                      "t10k-images-idx3-ubyte.gz is truncated"),
+    "idx_files_missing": (BATCH + ["--dataset=fashion_mnist", "--data_dir={root}/empty"],
+                          "lacks train-images-idx3-ubyte.gz"),
+    # distribution and resuming
+    "unknown_strategy": (BATCH + ["--strategy=bogus"], "unknown --strategy=bogus"),
+    "multi_worker_without_tf_config": (BATCH + ["--strategy=multi_worker"], "needs the TF_CONFIG"),
+    "strategy_recipe_lacks": (["--recipe=transfer", "--strategy=mirrored"],
+                              "--strategy=mirrored is not supported by --recipe=transfer"),
+    "resume_multi_worker": (BATCH + ["--strategy=multi_worker", "--resume"],
+                            "--resume is not supported with --strategy=multi_worker"),
+    "resume_not_resumable": (["--recipe=transfer", "--resume", "--logdir={root}/runs"],
+                             "--recipe=transfer cannot resume"),
+    # recipe flags
+    "batch_sizes_not_numbers": (BATCH[:1] + ["--batch_sizes=8,x"], "--batch_sizes=8,x is not a list"),
+    "batch_size_zero_in_sweep": (BATCH[:1] + ["--batch_sizes=0,8"], "--batch_sizes must be positive"),
+    "sparsity_above_one": (["--recipe=prune", "--final_sparsity=1.2"], "--final_sparsity must be in [0, 1)"),
+    "m_by_n_reversed": (["--recipe=prune", "--sparsity_m_by_n=3,2"], "--sparsity_m_by_n must be m,n"),
+    "cache_with_augment": (["--recipe=transfer", "--cache_features", "--augment"],
+                           "--cache_features cannot be used with --augment"),
+    "image_too_small_for_vgg": (["--recipe=transfer", "--image_size=16"], "--image_size must be at least"),
+    "weights_file_missing": (["--recipe=transfer", "--weights={root}/vgg.h5"], "is not a file"),
+    "bad_price": (["--recipe=device", "--price_per_hour=cpu:abc"], "--price_per_hour"),
+    "unknown_policy": (["--recipe=mixed_precision", "--policy=float64"], "--policy"),
+    "profile_steps_reversed": (["--recipe=profile", "--profile_steps=15,10"], "--profile_steps must be"),
+    "stream_unknown_loader": (["--recipe=stream", "--loader=pandas"], "--loader"),
+    "stream_tiny_images": (["--recipe=stream", "--image_size=4"], "--image_size must be at least"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_nonzero_exit_and_no_results(case, tmp_path, capsys, monkeypatch):
+    make_folders(tmp_path)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    args, expected = CASES[case]
+    args = [a.replace("{root}", str(tmp_path)) for a in args]
+    if not any(a.startswith("--logdir") for a in args):
+        args.append(f"--logdir={tmp_path / 'runs'}")
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["main.py", *args])
+    assert stopped.value.code != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert not list((tmp_path / "runs").glob("*/*"))  # no run folder, no partial result
