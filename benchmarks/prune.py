@@ -1,9 +1,9 @@
 """Pruning on MNIST: the TF Model Optimization guide's recipe vs this toolkit's.
 
 The guide (tensorflow.org/model_optimization/guide/pruning/pruning_with_keras):
-Conv2D(12, 3) -> MaxPool -> Flatten -> Dense(10), baseline 4 epochs at batch
-128 on 54,000 training images, then prune_low_magnitude on the whole model,
-PolynomialDecay 50% -> 80% over 2 epochs (default frequency 100), strip,
+Conv2D(12, 3) -> MaxPool -> Flatten -> Dense(10), baseline 4 epochs at fit's
+default batch 32 on 54,000 training images, then prune_low_magnitude on the whole model,
+PolynomialDecay 50% -> 80% over 2 epochs at batch 128 (default frequency 100), strip,
 zip the .h5. It reports 0.9794 -> 0.9743 accuracy, 3.04x smaller zipped .h5
 and a 9.5x smaller pruned + quantized TFLite file.
 
@@ -37,7 +37,7 @@ from datasets import idx  # noqa: E402
 from recipes import prune  # noqa: E402
 
 tf_keras, sparsity = prune.tf_keras, prune.sparsity
-BATCH, BASELINE_EPOCHS, FINETUNE_EPOCHS, N_TRAIN = 128, 4, 2, 54000
+BATCH, BASELINE_BATCH, BASELINE_EPOCHS, FINETUNE_EPOCHS, N_TRAIN = 128, 32, 4, 2, 54000
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
 TARGETS = {0.8: (0.3, 3.0), 0.9: (1.0, 4.5)}  # sparsity: (max accuracy drop in points, min gzip x)
 TFLITE_TARGET = 12.0
@@ -108,7 +108,7 @@ def main():
             tf_keras.utils.set_random_seed(seed)
             model, loss = prune.build_model((28, 28, 1), 10, "conv")
             print(f"\n== repeat {seed + 1}/{args.repeats}: baseline, {BASELINE_EPOCHS} epochs ==")
-            prune.train(model, loss, data, BASELINE_EPOCHS, BATCH, 1e-3, None, seed, [])
+            prune.train(model, loss, data, BASELINE_EPOCHS, BASELINE_BATCH, 1e-3, None, seed, [])
             baseline = {"accuracy": prune.accuracy(model, *data[1]),
                         "h5": prune.save_h5(model, os.path.join(tmp, "baseline.h5")),
                         "quant": prune.gzip_bytes(prune.to_tflite(model, quantize=True))}

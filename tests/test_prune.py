@@ -10,6 +10,32 @@ from recipes import prune
 
 tf_keras = prune.tf_keras
 
+DROPIN_SCRIPT = """
+import os, numpy as np
+import prune
+assert os.environ.get("TF_USE_LEGACY_KERAS") is None, "tfmot's env flip leaked"
+rng = np.random.default_rng(0)
+x = rng.random((48, 8, 8, 1), dtype=np.float32)
+y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int64)
+m = prune.run(prune.Config(baseline_epochs=1, epochs=1, batch_size=16), "logs", ((x, y), (x, y)))
+print("sparsity", round(m["sparsity_measured"], 2), m["pruned_gzip_bytes"] < m["baseline_gzip_bytes"])
+"""
+BAD_FLAGS = {"--final_sparsity=1.2": "--final_sparsity", "--sparsity_m_by_n=3,2": "--sparsity_m_by_n"}
+
+
+@pytest.fixture(scope="module")
+def subprocesses(tmp_path_factory):
+    """Every subprocess of this file, started at once: their TensorFlow imports overlap."""
+    tmp = tmp_path_factory.mktemp("prune_subprocesses")
+    jobs = {"headline": (run_cli, "--recipe=prune", "--baseline_epochs=1", "--epochs=2",
+                         "--steps_per_epoch=3", f"--logdir={tmp / 'headline'}"),
+            "dropin": (run_dropin, "prune.py", DROPIN_SCRIPT, tmp)}
+    for i, flag in enumerate(BAD_FLAGS):
+        jobs[flag] = (run_cli, "--recipe=prune", flag, f"--logdir={tmp / f'bad{i}'}")
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(*job) for name, job in jobs.items()}
+        yield futures, tmp
+
 
 def schedule(final=0.8, end_step=8):
     return prune.make_schedule("polynomial", 0.5, final, 0, end_step, 1)
@@ -18,6 +44,50 @@ def schedule(final=0.8, end_step=8):
 def fit_pruned(model, loss, data, epochs=2, batch_size=16):
     prune.train(model, loss, data, epochs, batch_size, 1e-3, None, 0,
                 [prune.sparsity.UpdatePruningStep()])
+
+
+def test_cli_headline_run_reaches_target_sparsity_and_really_shrinks_the_export(subprocesses):
+    futures, tmp = subprocesses
+    result = futures["headline"].result()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "baseline     pruned" in result.stdout and "per-layer kernel sparsity" in result.stdout
+    run_dir = only_run_dir(tmp / "headline", "prune")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
+                "baseline_gzip_bytes", "tflite_gzip_bytes", "tflite_quant_gzip_bytes"):
+        assert key in metrics, key
+    assert 0 <= metrics["pruned_accuracy"] <= 1
+    assert abs(metrics["sparsity_measured"] - 0.8) <= 0.01
+    for name in ("dense_128", "dense_64", "output"):
+        assert abs(metrics[f"sparsity_{name}"] - 0.8) <= 0.01, name
+    assert metrics["pruned_gzip_bytes"] < metrics["baseline_gzip_bytes"] / 2
+    assert metrics["compression_ratio"] > 2
+    assert metrics["tflite_quant_gzip_bytes"] < metrics["tflite_gzip_bytes"]
+    assert metrics["reload_matches"] is True
+    for name in ("baseline.h5", "pruned.h5", "pruned.tflite", "pruned_quant.tflite"):
+        assert (run_dir / name).stat().st_size > 0, name
+    # PruningSummaries stops at the last epoch start; the recipe logs the final sparsity.
+    tags = read_tensorboard_tags(run_dir / "pruned" / "metrics")
+    sparsity_tags = [t for t in tags if t.endswith("/sparsity")]
+    assert len(sparsity_tags) == 3
+    assert all(abs(tags[t][-1] - 0.8) <= 0.01 for t in sparsity_tags)
+    assert {"epoch_loss", "epoch_accuracy"} <= set(read_tensorboard_tags(run_dir / "pruned" / "train"))
+
+
+def test_bad_sparsity_flags_are_one_line_errors(subprocesses):
+    futures, tmp = subprocesses
+    for i, (flag, words) in enumerate(BAD_FLAGS.items()):
+        result = futures[flag].result()
+        lines = error_lines(result.stderr)
+        assert result.returncode == 2, flag
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+        assert not (tmp / f"bad{i}" / "prune").exists()
+
+
+def test_recipe_file_works_alone_and_keeps_keras3_for_the_process(subprocesses):
+    result = subprocesses[0]["dropin"].result()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sparsity 0.8 True" in result.stdout
 
 
 def test_baseline_is_not_pruned_in_place_and_export_predicts_like_memory(tiny_images, tmp_path):
@@ -83,62 +153,6 @@ def test_prune_layers_and_2_by_4_structure(tiny_images):
     assert np.mean(stripped.get_layer("dense_64").get_weights()[0] == 0) == 0
     with pytest.raises(ValueError, match="--prune_layers: no layer named nope"):
         prune.prune_model(model, schedule(), layer_names=("nope",))
-
-
-def test_cli_headline_run_reaches_target_sparsity_and_really_shrinks_the_export(tmp_path):
-    result = run_cli("--recipe=prune", "--baseline_epochs=1", "--epochs=2",
-                     "--steps_per_epoch=3", f"--logdir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "baseline     pruned" in result.stdout and "per-layer kernel sparsity" in result.stdout
-    run_dir = only_run_dir(tmp_path, "prune")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
-                "baseline_gzip_bytes", "tflite_gzip_bytes", "tflite_quant_gzip_bytes"):
-        assert key in metrics, key
-    assert 0 <= metrics["pruned_accuracy"] <= 1
-    assert abs(metrics["sparsity_measured"] - 0.8) <= 0.01
-    for name in ("dense_128", "dense_64", "output"):
-        assert abs(metrics[f"sparsity_{name}"] - 0.8) <= 0.01, name
-    assert metrics["pruned_gzip_bytes"] < metrics["baseline_gzip_bytes"] / 2
-    assert metrics["compression_ratio"] > 2
-    assert metrics["tflite_quant_gzip_bytes"] < metrics["tflite_gzip_bytes"]
-    assert metrics["reload_matches"] is True
-    for name in ("baseline.h5", "pruned.h5", "pruned.tflite", "pruned_quant.tflite"):
-        assert (run_dir / name).stat().st_size > 0, name
-    # PruningSummaries stops at the last epoch start; the recipe logs the final sparsity.
-    tags = read_tensorboard_tags(run_dir / "pruned" / "metrics")
-    sparsity_tags = [t for t in tags if t.endswith("/sparsity")]
-    assert len(sparsity_tags) == 3
-    assert all(abs(tags[t][-1] - 0.8) <= 0.01 for t in sparsity_tags)
-    assert {"epoch_loss", "epoch_accuracy"} <= set(read_tensorboard_tags(run_dir / "pruned" / "train"))
-
-
-def test_bad_sparsity_flags_are_one_line_errors(tmp_path):
-    bad = {"--final_sparsity=1.2": "--final_sparsity", "--sparsity_m_by_n=3,2": "--sparsity_m_by_n"}
-    with concurrent.futures.ThreadPoolExecutor(len(bad)) as pool:  # two TF imports at once
-        results = dict(zip(bad, pool.map(
-            lambda flag: run_cli("--recipe=prune", flag, f"--logdir={tmp_path}"), bad)))
-    for flag, result in results.items():
-        lines = error_lines(result.stderr)
-        assert result.returncode == 2, flag
-        assert len(lines) == 1 and lines[0].startswith("error:") and bad[flag] in lines[0], lines
-    assert not (tmp_path / "prune").exists()
-
-
-def test_recipe_file_works_alone_and_keeps_keras3_for_the_process(tmp_path):
-    script = """
-import os, numpy as np
-import prune
-assert os.environ.get("TF_USE_LEGACY_KERAS") is None, "tfmot's env flip leaked"
-rng = np.random.default_rng(0)
-x = rng.random((48, 8, 8, 1), dtype=np.float32)
-y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int64)
-m = prune.run(prune.Config(baseline_epochs=1, epochs=1, batch_size=16), "logs", ((x, y), (x, y)))
-print("sparsity", round(m["sparsity_measured"], 2), m["pruned_gzip_bytes"] < m["baseline_gzip_bytes"])
-"""
-    result = run_dropin("prune.py", script, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "sparsity 0.8 True" in result.stdout
 
 
 def test_clustering_after_pruning_keeps_the_zeros_and_shares_values(tiny_images):
