@@ -19,12 +19,19 @@ preserving clustering), which gzip and int8 TFLite compress further.
 Run:    python main.py --recipe=prune
         python main.py --recipe=prune --sweep=0.5,0.7,0.8,0.9,0.95
         python main.py --recipe=prune --model=conv --dataset=mnist --data_dir=DIR
-Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores, ~1 minute)
-        80% of each kernel is exactly zero, accuracy moves by about a point or
-        less, the gzipped .h5 is about 3x smaller and the quantized TFLite file
-        about 10x smaller than the dense baseline's gzipped .h5. TensorBoard
-        shows loss/accuracy of baseline and pruned runs and per-layer sparsity
-        and thresholds under pruned/metrics.
+Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores) the run
+        takes about 30 s: every pruned kernel is exactly 80% zeros, the gzipped
+        .h5 is 3.3x smaller (406 KB -> 122 KB) and the int8 TFLite file 10x
+        smaller (39 KB). This MLP reaches only ~30% accuracy on shapes (10
+        classes, random rotation, colour and noise); the pruned copy ends a few
+        points higher because fine-tuning trains it 4 more epochs. For a
+        meaningful accuracy comparison use --model=conv on MNIST: the benchmark
+        (benchmarks/prune.py, pruning only the Dense kernel) gets test accuracy
+        0.9783 -> 0.9792 at 80% sparsity (.h5 gzip 3.2x smaller) and 0.9724 at
+        90% (4.9x); its int8 TFLite file is 9.7x smaller than the dense .h5 at
+        80%, 13.7x with --clusters=8 and 14.6x at 90%. TensorBoard shows
+        loss/accuracy of the baseline and pruned runs, per-layer sparsity and
+        thresholds under pruned/metrics, and the sweep against sparsity.
 Copy:   this file alone works in any project with tensorflow, tf-keras and
         tensorflow-model-optimization installed: build your model with
         `import tf_keras`, then prune_model(...) / train(...) / strip_and_measure(...),
