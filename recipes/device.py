@@ -12,12 +12,14 @@ Where the time goes: each worker also times a float32 matmul of the first
 layer's shape on its device, so the job's arithmetic floor (6 FLOP per weight
 per example) is printed beside its wall time. A job this small is mostly
 per-step overhead and input pipeline, not arithmetic, which is why a GPU gains
-little on it. The defaults here are the fast path: the data as in-memory
-tensors in tf.data (or numpy arrays on JAX), a whole epoch per compiled call
-(--steps_per_execution=0) and an XLA-compiled step (--xla=on). Keras' own
-defaults (one Python round trip per step, no XLA on a CPU-only TensorFlow)
-are --steps_per_execution=1 --xla=auto; --batch_size=1000 shows how a bigger
-batch shrinks the overhead share.
+little on it. The defaults here are the fast path: in-memory arrays that
+Keras batches by index (no per-example Python or tf.data work), a whole
+epoch per compiled call (--steps_per_execution=0) and an XLA-compiled step
+(--xla=on). Keras' own defaults (one Python round trip per step, no XLA on a
+CPU-only TensorFlow) are --steps_per_execution=1 --xla=auto; on the full
+Fashion-MNIST job they take about twice as long. --batch_size=1000 shows how
+a bigger batch shrinks the overhead share; KERAS_BACKEND=jax runs the same
+job with less overhead still on a CPU.
 Run:    python main.py --recipe=device --price_per_hour=cpu:0.40,gpu:1.20
         python main.py --recipe=device --dataset=fashion_mnist --data_dir=DIR
 Expect: on the default shapes data (6,000 28x28 images) on 2 shared CPU cores,
@@ -27,8 +29,8 @@ Expect: on the default shapes data (6,000 28x28 images) on 2 shared CPU cores,
         steps at lr 0.001 only begin to learn the shapes (val accuracy ~0.17:
         this job is about time; on Fashion-MNIST it reaches 0.83). The cost
         verdict says a GPU at 1.20/h pays off only above a 3.00x speedup.
-        Full Fashion-MNIST: benchmarks/device.py (Keras' defaults 27-30 s, the
-        recipe's defaults 14-19 s on the same shared cores).
+        Full Fashion-MNIST: see benchmarks/device.py (TensorFlow: Keras'
+        defaults 26-30 s, the recipe's 14-17 s; JAX: 8-9 s; 2 shared cores).
 Copy:   this file alone works in any project with keras (TensorFlow or JAX
         backend) and numpy: run(Config(), "logs", ((x_train, y_train),
         (x_val, y_val))). It loads itself in a subprocess per device.
@@ -68,10 +70,12 @@ class Config:
     learning_rate: float = 0.001  # SGD learning rate
     momentum: float = 0.9  # SGD momentum
     hidden_units: int = 500  # width of the one hidden relu layer
-    steps_per_execution: int = 0  # training steps per compiled call; 0 = a whole epoch, 1 = Keras' default
-    xla: typing.Literal["on", "off", "auto"] = "on"  # XLA-compile the step; auto = Keras' choice (off on CPU-only TF)
-    pipeline: typing.Literal["auto", "tf_data", "arrays"] = "auto"  # input: tf.data of tensors or numpy
-    # arrays; auto = tf_data on the TensorFlow backend, arrays on others
+    steps_per_execution: int = 0  # training steps per compiled call; 0 = a whole epoch,
+    # 1 = Keras' default (one Python round trip per step)
+    xla: typing.Literal["on", "off", "auto"] = "on"  # XLA-compile the train step; auto = Keras'
+    # choice (off on a CPU-only TensorFlow)
+    pipeline: typing.Literal["arrays", "tf_data"] = "arrays"  # input: numpy arrays (Keras shuffles
+    # indices and gathers whole batches) or tf.data slices shuffled one example at a time
     timeout_s: int = 3600  # seconds one device's job may take before it is reported as failed
     seed: int = 0  # initial weights and shuffling (the same on every device)
 
@@ -145,7 +149,7 @@ def compare_costs(results, prices):
         cost = r["wall_time_s"] / 3600 * price_of(device, prices)
         metrics[f"{metric_prefix(device)}_cost_usd"] = cost
         lines.append(f"{device}: {r['wall_time_s']:.2f} s per job at "
-                     f"{price_of(device, prices):.2f}/h = {cost:.6f} per job")
+                     f"${price_of(device, prices):.2f}/h = ${cost:.6f} per job")
     cpu_price = prices["cpu"]
     gpu_price = prices.get("gpu", next(p for n, p in prices.items() if n.startswith("gpu")))
     gpus = [d for d in ok if d != "cpu"]
@@ -173,8 +177,8 @@ def compare_costs(results, prices):
         break_even = gpu_price / cpu_price if cpu_price > 0 else math.inf
         metrics["break_even_speedup"] = break_even
         cpu_time = ok["cpu"]["wall_time_s"]
-        lines.append(f"No GPU ran this job{' (none found)' if len(results) == 1 else ''}: the CPU "
-                     f"figures stand alone. At gpu:{gpu_price:.2f}/h vs cpu:{cpu_price:.2f}/h a "
+        lines.append(f"No GPU ran this job: the CPU figures stand alone. At "
+                     f"gpu ${gpu_price:.2f}/h vs cpu ${cpu_price:.2f}/h a "
                      f"GPU pays off only if it runs this job more than {break_even:.2f}x as fast, "
                      f"i.e. in under {cpu_time / break_even:.2f} s.")
     for device, r in results.items():
@@ -289,10 +293,7 @@ def throughput(calls, batch_size):
 
 def make_inputs(x, y, config, training):
     """fit/evaluate keyword arguments for the chosen pipeline (shuffled when training)."""
-    pipeline = config.pipeline
-    if pipeline == "auto":
-        pipeline = "tf_data" if keras.backend.backend() == "tensorflow" else "arrays"
-    if pipeline == "arrays":
+    if config.pipeline == "arrays":
         return {"x": x, "y": y, "batch_size": config.batch_size,
                 **({"shuffle": True} if training else {})}
     import tensorflow as tf  # tf.data only: the arrays pipeline needs no TensorFlow
@@ -521,6 +522,8 @@ def run(config, run_dir, data):
     cost_lines, cost_metrics = compare_costs(results, prices)
     log_results(run_dir, results, cost_metrics)
     print("\n" + format_table(results, prices))
+    if config.devices.strip().lower() == "auto" and devices == ["cpu"]:
+        cost_lines.insert(0, "No GPU found (nvidia-smi lists none): only the CPU ran.")
     print("\n" + "\n".join(cost_lines))
     print("\n" + "\n".join(explain(d, r) for d, r in results.items() if "error" not in r))
     metrics = {f"{metric_prefix(d)}_{key}": value for d, r in results.items()

@@ -133,3 +133,11 @@ def test_nan_loss_on_every_device_is_a_floating_point_error(tmp_path, tiny_image
     monkeypatch.setattr(device, "run_on_device", lambda *args: {"error": why})
     with pytest.raises(FloatingPointError, match="lower --learning_rate"):
         device.run(tiny(devices="cpu,gpu:0"), str(tmp_path), tiny_images)
+
+
+@pytest.mark.parametrize("pipeline", ["arrays", "tf_data"])
+def test_steps_per_execution_zero_runs_a_whole_epoch_per_compiled_call(pipeline, tiny_images):
+    weights = device.initial_weights(28 * 28, 16, 10, seed=0)
+    r = device.train_job(tiny(pipeline=pipeline, epochs=2), tiny_images, weights)
+    assert r["steps_per_execution"] == 3 and r["xla"]  # 60 examples / batch 20
+    assert r["examples_per_sec"] > 0 and 0 <= r["val_accuracy"] <= 1
