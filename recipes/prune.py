@@ -399,7 +399,9 @@ def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
         print(f"left dense: {name} ({why})")
     if not pruned_names:
         raise ValueError("no layer was pruned: check --prune_layers and the layers listed above")
-    print(f"pruning {', '.join(pruned_names)} to {final_sparsity:.0%} "
+    amount = (f"{config.sparsity_m_by_n[0]}:{config.sparsity_m_by_n[1]}" if config.sparsity_m_by_n
+              else f"{final_sparsity:.0%}")
+    print(f"pruning {', '.join(pruned_names)} to {amount} "
           f"({config.schedule}, steps {config.begin_step}..{end_step} every {frequency})")
     train(model, loss, data, config.epochs, config.batch_size, config.finetune_learning_rate,
           steps, config.seed,
