@@ -122,9 +122,9 @@ class Config:
             if len(m_by_n) != 2 or not 0 < m_by_n[0] < m_by_n[1]:
                 raise ValueError(f"--sparsity_m_by_n must be m,n with 0 < m < n (m zeros in "
                                  f"every n weights), like 2,4; got {','.join(map(str, m_by_n))}")
-            if self.block_size is not None:
-                raise ValueError("--sparsity_m_by_n and --block_size cannot be combined; "
-                                 "give one of them")
+            if self.block_size is not None or self.sweep is not None:
+                raise ValueError("--sparsity_m_by_n fixes the sparsity at m/n: it cannot be "
+                                 "combined with --block_size or --sweep")
 
 
 # --- the model -----------------------------------------------------------------

@@ -169,3 +169,17 @@ def test_clustering_after_pruning_keeps_the_zeros_and_shares_values(tiny_images)
     kernel = final.get_layer("dense_64").get_weights()[0]
     assert np.mean(kernel == 0) == pytest.approx(0.8, abs=0.01)
     assert len(np.unique(kernel[kernel != 0])) <= 4
+
+
+def test_sweep_compares_accuracy_and_size_per_sparsity(tiny_images, tmp_path):
+    config = prune.Config(baseline_epochs=1, epochs=2, batch_size=16, sweep=(0.5, 0.8, 0.95))
+    metrics = prune.run(config, str(tmp_path), tiny_images)
+
+    sizes = [metrics[f"sweep_gzip_bytes_s{s}"] for s in (50, 80, 95)]
+    assert sizes[0] > sizes[1] > sizes[2]  # more zeros, smaller download
+    assert metrics["sweep_gzip_bytes_s80"] == metrics["pruned_gzip_bytes"]  # reused, not retrained
+    for s in (50, 80, 95):
+        assert abs(metrics[f"sweep_sparsity_measured_s{s}"] - s / 100) <= 0.01
+        assert 0 <= metrics[f"sweep_accuracy_s{s}"] <= 1
+    tags = read_tensorboard_tags(tmp_path / "sweep")
+    assert len(tags["sweep/pruned_accuracy"]) == 3 and len(tags["sweep/gzip_bytes"]) == 3
