@@ -101,7 +101,8 @@ def test_imagenet_weights_offline_fail_before_training_with_one_line_and_exit_2(
     lines = error_lines(result.stderr)
     assert len(lines) == 1, lines
     expected = tmp_path / "keras_home" / "models" / transfer.WEIGHTS_FILE
-    assert str(expected) in lines[0] and "--weights=none" in lines[0] and "--weights=PATH" in lines[0]
+    assert str(expected) in lines[0]
+    assert "--weights=none" in lines[0] and "--weights=PATH" in lines[0]
     assert not list((tmp_path / "logs" / "transfer").iterdir())  # no run folder left behind
 
 
@@ -145,7 +146,8 @@ def test_recipe_file_alone_runs_and_saves_models_that_reload_with_equal_predicti
     assert metrics["cache_reused"]  # a second extraction read features.npz instead
     assert metrics["cache_speedup"] == pytest.approx(metrics["base_epoch_s"]
                                                      / metrics["head_epoch_s"])
-    assert metrics["trainable_params"] < metrics["trainable_params_phase2"] < metrics["total_params"]
+    trainable = metrics["trainable_params"], metrics["trainable_params_phase2"]
+    assert trainable[0] < trainable[1] < metrics["total_params"]
 
     workdir = tmp_path / "dropin"
     x_val, y_val = np.load(workdir / "x_val.npy"), np.load(workdir / "y_val.npy")
