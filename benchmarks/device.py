@@ -109,11 +109,11 @@ def main():
     print(f"\nbackend {backend}, {os.cpu_count()} CPU cores (load average now {load}: other "
           f"processes share them), {len(x_train)} train examples x "
           f"{args.epochs} epochs, {flops / 1e9:.0f} GFLOP; medians of {args.repeats} repeats")
-    print(f"{'variant':<46} {'wall s':>7} {'examples/s':>11} {'1st step s':>10} "
+    print(f"{'variant':<50} {'wall s':>7} {'examples/s':>11} {'1st step s':>10} "
           f"{'test acc':>8} {'floor s':>7} {'wall/floor':>10}")
     for name, _ in rows:
         ratio = med(name, "wall_time_s") / float(np.median(floors))
-        print(f"{name:<46} {med(name, 'wall_time_s'):>7.2f} {med(name, 'examples_per_sec'):>11.0f} "
+        print(f"{name:<50} {med(name, 'wall_time_s'):>7.2f} {med(name, 'examples_per_sec'):>11.0f} "
               f"{med(name, 'first_step_s'):>10.2f} {med(name, 'val_accuracy'):>8.4f} "
               f"{med(name, 'floor_s'):>7.2f} {ratio:>10.2f}")
     gflops = np.median([r["gflops"] for rs in runs.values() for r in rs])

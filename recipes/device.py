@@ -256,11 +256,11 @@ def matmul_flops_per_sec(m, k, n, chain=20, repeats=7):
 
 
 class CallTimer(keras.callbacks.Callback):
-    """Seconds and steps of each compiled training call, and the time to the first one."""
+    """Seconds and steps of each compiled training call, and fit's time to the first one's end."""
 
     def __init__(self):
         super().__init__()
-        self.calls, self.first_step_s = [], None
+        self.calls, self.first_call_s = [], None
 
     def on_train_begin(self, logs=None):
         self._fit_start = time.perf_counter()
@@ -273,19 +273,25 @@ class CallTimer(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
-        if self.first_step_s is None:
-            self.first_step_s = now - self._fit_start
+        if self.first_call_s is None:
+            self.first_call_s = now - self._fit_start
         self.calls.append((now - self._start, batch - self._last_step))
         self._last_step = batch
 
 
-def throughput(calls, batch_size):
-    """examples/s and per-step percentiles, leaving out the first call (it compiles)."""
+def throughput(calls, first_call_s, batch_size):
+    """examples/s and per-step percentiles, leaving out the first call (it compiles).
+
+    Time to the first step: the first call's time less its other steps at the steady
+    rate (with one step per call, exactly the first call's time).
+    """
     steady = calls[1:] or calls
     seconds = np.array([s for s, _ in steady])
     steps = np.array([n for _, n in steady])
     per_step = seconds / steps
+    first_step = first_call_s - (calls[0][1] - 1) * seconds.sum() / steps.sum()
     return {"examples_per_sec": batch_size * steps.sum() / seconds.sum(),
+            "first_call_s": first_call_s, "first_step_s": max(first_step, 0.0),
             "steps_s": float(sum(s for s, _ in calls[1:])),
             "step_time_ms_p50": 1000 * float(np.percentile(per_step, 50)),
             "step_time_ms_p90": 1000 * float(np.percentile(per_step, 90))}
@@ -329,8 +335,8 @@ def train_job(config, data, weights, log_dir=None):
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate")
     val_loss, val_accuracy = model.evaluate(verbose=0, **make_inputs(x_val, y_val, config,
                                                                        training=False))
-    return {**throughput(timer.calls, config.batch_size), "wall_time_s": wall,
-            "first_step_s": timer.first_step_s, "loss": final_loss,
+    return {**throughput(timer.calls, timer.first_call_s, config.batch_size),
+            "wall_time_s": wall, "loss": final_loss,
             "val_loss": val_loss, "val_accuracy": val_accuracy,
             "steps_per_execution": model.steps_per_execution,
             "xla": bool(model.jit_compile)}
@@ -437,11 +443,12 @@ def run_on_device(device, config, data_file, run_dir, work_dir):
 
 def explain(device, r):
     """Where the job's time went on one device, in one line, with the advice that follows."""
-    first, wall, share = r["first_step_s"], r["wall_time_s"], r["compute_share"]
+    first, wall, share = r["first_call_s"], r["wall_time_s"], r["compute_share"]
     rest = max(wall - first - r["steps_s"], 0.0)
-    line = (f"{device}: {wall:.2f} s = {first:.2f} s to the first step done (tracing, compiling, "
-            f"filling the pipeline) + {r['steps_s']:.2f} s in later compiled calls + {rest:.2f} s "
-            f"between them (epoch ends: new iterators, shuffle refills, callbacks). The arithmetic "
+    line = (f"{device}: {wall:.2f} s = {first:.2f} s in the first compiled call (~"
+            f"{r['first_step_s']:.2f} s of it before the first step: tracing, compiling, filling "
+            f"the pipeline) + {r['steps_s']:.2f} s in later calls + {rest:.2f} s between calls "
+            f"(epoch ends: new iterators, reshuffles, callbacks). The arithmetic "
             f"needs >= {r['compute_floor_s']:.2f} s ({share:.0%} of the job, at "
             f"{r['matmul_gflops']:.0f} GFLOP/s); the other {1 - share:.0%} is overhead.")
     if share < 0.5:

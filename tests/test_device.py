@@ -141,3 +141,11 @@ def test_steps_per_execution_zero_runs_a_whole_epoch_per_compiled_call(pipeline,
     r = device.train_job(tiny(pipeline=pipeline, epochs=2), tiny_images, weights)
     assert r["steps_per_execution"] == 3 and r["xla"]  # 60 examples / batch 20
     assert r["examples_per_sec"] > 0 and 0 <= r["val_accuracy"] <= 1
+
+
+def test_throughput_leaves_out_the_compiling_first_call():
+    calls = [(5.0, 10), (1.0, 10), (1.5, 10)]  # (seconds, steps) per compiled call
+    r = device.throughput(calls, first_call_s=5.2, batch_size=100)
+    assert r["examples_per_sec"] == pytest.approx(2000 / 2.5)
+    assert r["first_step_s"] == pytest.approx(5.2 - 9 * 2.5 / 20)  # less 9 steps at steady rate
+    assert r["step_time_ms_p50"] == pytest.approx(125) and r["steps_s"] == pytest.approx(2.5)
