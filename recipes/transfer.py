@@ -25,7 +25,8 @@ Weights: --weights=imagenet uses keras' cache (~/.keras/models, or
 Size:   --image_size defaults to 64 so the default run on the generated shapes
         set (320 + 80 images) stays short on a CPU; 150 is the usual size for
         photos (the minimum VGG16 accepts is 32). On 2 CPU cores a frozen-base
-        step of 32 images at 150x150 takes about 3.5 s.
+        step of 32 images at 150x150 takes about 3.5 s when the machine is
+        quiet, 8-9 s measured here with other jobs running.
 Expect: measured on a shared 2-core CPU, default shapes run at 64x64 with
         --weights=none --cache_features --fine_tune_epochs=1: base_epoch_s
         about 10, head_epoch_s about 0.05 (cache_speedup about 200), phase 2
