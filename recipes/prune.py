@@ -74,7 +74,7 @@ HEADLINE = ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_t
 @dataclasses.dataclass
 class Config:
     model: typing.Literal["dense", "conv"] = "dense"  # dense: Flatten-Dense(128)-Dense(64)-out; conv: the tfmot guide's MNIST model
-    baseline_epochs: int = 10  # epochs to train the dense (unpruned) baseline
+    baseline_epochs: int = 10  # epochs to train the unpruned baseline
     epochs: int = 4  # fine-tuning epochs of the pruned copy (the pruning schedule runs in them)
     batch_size: int = 64  # examples per training step
     learning_rate: float = 1e-3  # Adam learning rate of the baseline
