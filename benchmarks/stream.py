@@ -8,15 +8,16 @@ sub-tree (or itself) holds class folders. Images are resized to 150x150, batch
 32, the recipe's model. In one process, alternating, `--passes` times each:
 the generator as the classic recipe writes it (workers=1) and with more
 threads, tf.data streaming, tf.data from a memory cache (filled once first),
-augmentation on both sides, the model alone (one batch in memory, repeated:
+augmentation on both sides (tf.data: the recipe's fused RandomAffine layer and
+the four stock Keras layers), the model alone (one batch in memory, repeated:
 the ceiling in fit), and a raw decode-and-resize floor: file bytes already in
 memory, decoded and resized by a bare tf.data map (TF's thread pool), or by TF
 ops or PIL from one Python thread per core; the fastest of the three is the
 floor. Generator passes time --generator_steps steps (their rate is steady),
 tf.data passes whole epochs; fit runs --steps_per_execution steps per call for
-every setting. Peak RSS of streaming is measured in fresh processes on the folder and on a tree with
-each image 4 times. Prints one table, the ratios against the targets, and a
-last line with the headline ratio.
+every setting. Peak RSS of streaming is measured in fresh processes on the
+folder and on a tree with each image 4 times. Prints one table, the ratios
+against the targets, and a last line with the headline ratio.
 """
 import argparse
 import atexit
@@ -127,16 +128,17 @@ def main():
         return stream.generator_flow(view, scan.class_names, SIZE, BATCH, augment=augment,
                                      workers=w)
 
-    def tf_data(cache="none", augment=False):
+    def tf_data(cache="none", augment=False, augment_with="fused"):
         return stream.tf_data_pipeline(scan, SIZE, BATCH, training=True, cache=cache,
-                                       augment=augment)[0]
+                                       augment=augment, augment_with=augment_with)[0]
 
     cached_ds, cached_stage = stream.tf_data_pipeline(scan, SIZE, BATCH, True, "memory")
     fill_rate = stream.fill_cache(cached_stage)
     loaders = {f"generator w={w}": (generator(w), w) for w in workers}
     loaders.update({"tf.data": (tf_data(), None), "tf.data cached": (cached_ds, None),
                     "generator+aug w=1": (generator(1, True), 1),
-                    "tf.data+aug": (tf_data(augment=True), None)})
+                    "tf.data+aug fused": (tf_data(augment=True), None),
+                    "tf.data+aug layers": (tf_data(augment=True, augment_with="layers"), None)})
 
     # The floor: decode and resize only, bytes already in memory, one thread per core.
     encoded = [pathlib.Path(p).read_bytes() for p in scan.paths]
@@ -253,10 +255,14 @@ def main():
          paired("tf.data", best_floor, "input"), 0.9),
         ("fit: slowest cached epoch / generator w=1", min(cached_fit) / med[(g1, "fit")], 10.0),
         ("input: tf.data cached / generator w=1", paired("tf.data cached", g1, "input"), 10.0),
-        ("fit: tf.data+aug / generator+aug w=1",
-         paired("tf.data+aug", "generator+aug w=1", "fit"), 1.5),
-        ("input: tf.data+aug / generator+aug w=1",
-         paired("tf.data+aug", "generator+aug w=1", "input"), None),
+        ("fit: tf.data+aug fused / generator+aug w=1",
+         paired("tf.data+aug fused", "generator+aug w=1", "fit"), 1.5),
+        ("fit: tf.data+aug layers / generator+aug w=1",
+         paired("tf.data+aug layers", "generator+aug w=1", "fit"), 1.5),
+        ("input: tf.data+aug fused / generator+aug w=1",
+         paired("tf.data+aug fused", "generator+aug w=1", "input"), None),
+        ("input: tf.data+aug layers / generator+aug w=1",
+         paired("tf.data+aug layers", "generator+aug w=1", "input"), None),
         ("input: tf.data / generator w=1", paired("tf.data", g1, "input"), None),
         ("fit: tf.data cached / model alone", paired("tf.data cached", "model alone", "fit"),
          None),

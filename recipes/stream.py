@@ -84,8 +84,10 @@ class Config:
     image_size: int = 150  # images are resized to image_size x image_size RGB
     cache: str = "none"  # tf.data cache: none (stream every epoch), memory, or a folder PATH
     augment: bool = False  # random rotation, shifts, zoom and flip on the fly in both loaders
-    on_bad_image: typing.Literal["skip", "fail"] = "skip"  # unreadable files: skip and list them, or stop
-    generator_workers: int = 1  # threads that fill the generator's batches (1: as the classic recipe)
+    augment_with: typing.Literal["fused", "layers"] = "fused"  # tf.data: RandomAffine (one pass)
+    # or the stock RandomRotation/Translation/Zoom/Flip layers (one pass each)
+    on_bad_image: typing.Literal["skip", "fail"] = "skip"  # unreadable files: skip+list, or stop
+    generator_workers: int = 1  # threads filling the generator's batches (1: the classic recipe)
     input_batches: int | None = None  # batches timed without training (default: one epoch)
     warmup_steps: int = 3  # first steps/batches left out of throughput
     steps_per_execution: int = 1  # training steps per compiled call (>1 cuts per-step overhead)
@@ -96,6 +98,8 @@ class Config:
     def __post_init__(self):
         if self.loader not in LOADERS:
             raise ValueError(f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        if self.augment_with not in ("fused", "layers"):
+            raise ValueError(f"--augment_with must be fused or layers, got {self.augment_with!r}")
         if self.on_bad_image not in ("skip", "fail"):
             raise ValueError(f"--on_bad_image must be skip or fail, got {self.on_bad_image!r}")
         if self.epochs < 1 or self.batch_size < 1 or (self.steps_per_epoch or 1) < 1:
@@ -291,8 +295,52 @@ def generator_flow(folder, class_names, image_size, batch_size, augment=False, s
 
 # --- the successor: a tf.data pipeline ------------------------------------------------
 
-def augmentation_layers(seed=0):
-    """Keras preprocessing layers matching GENERATOR_AUGMENTATION, applied per batch."""
+class RandomAffine(keras.layers.Layer):
+    """ImageDataGenerator's augmentation in one resampling pass: rotation, shifts, zoom, flip.
+
+    The stock layers (augmentation_layers) resample the whole batch once each;
+    this layer composes the same random rotation, shift, zoom and flip into one
+    matrix per image, as ImageDataGenerator.apply_transform does, and resamples
+    once: about 3x cheaper on a CPU. rotation is in degrees, shift and zoom are
+    fractions (zoom 0.1: scale in [0.9, 1.1] per axis).
+    """
+
+    def __init__(self, rotation=20, shift=0.1, zoom=0.1, horizontal_flip=True, seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.rotation, self.shift, self.zoom = rotation, shift, zoom
+        self.horizontal_flip, self.seed = horizontal_flip, seed
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        shape = tf.shape(images)
+        n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+
+        def uniform(low, high, salt):
+            seed = None if self.seed is None else self.seed + salt
+            return tf.random.uniform([n], low, high, seed=seed)
+
+        angle = uniform(-1.0, 1.0, 0) * self.rotation * np.pi / 180
+        zx, zy = uniform(1 - self.zoom, 1 + self.zoom, 1), uniform(1 - self.zoom, 1 + self.zoom, 2)
+        tx, ty = uniform(-self.shift, self.shift, 3) * w, uniform(-self.shift, self.shift, 4) * h
+        flip = (tf.where(uniform(0.0, 1.0, 5) < 0.5, -1.0, 1.0) if self.horizontal_flip
+                else tf.ones([n]))
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        # Output pixel (x, y) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2).
+        a0, a1 = zx * tf.cos(angle) * flip, -zx * tf.sin(angle)
+        b0, b1 = zy * tf.sin(angle) * flip, zy * tf.cos(angle)
+        a2, b2 = cx - a0 * cx - a1 * cy + tx, cy - b0 * cx - b1 * cy + ty
+        zeros = tf.zeros([n])
+        transform = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+        return keras.ops.image.affine_transform(images, transform, interpolation="bilinear",
+                                                fill_mode="nearest")
+
+
+def augmentation_layers(seed=0, fused=True):
+    """GENERATOR_AUGMENTATION as Keras layers: RandomAffine, or the four stock layers."""
+    if fused:
+        return RandomAffine(seed=seed, name="augmentation")
     return keras.Sequential([
         keras.layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
         keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 1),
@@ -324,7 +372,7 @@ def cache_prefix(cache, scan, image_size, split):
 
 
 def tf_data_pipeline(scan, image_size, batch_size, training, cache="none", augment=False,
-                     seed=0, split="train"):
+                     seed=0, split="train", augment_with="fused"):
     """(dataset, cached part or None): files -> decode/resize (parallel) -> [cache] -> batch.
 
     Pipelines repeat forever and are read with explicit steps_per_epoch and
@@ -348,7 +396,8 @@ def tf_data_pipeline(scan, image_size, batch_size, training, cache="none", augme
             ds = ds.shuffle(n if cache == "memory" else min(n, 1024), seed=seed,
                             reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    layers = augmentation_layers(seed) if augment and training else None
+    layers = (augmentation_layers(seed, fused=augment_with == "fused")
+              if augment and training else None)
 
     def to_float(images, labels):
         images = tf.cast(images, tf.float32) / 255
@@ -486,7 +535,8 @@ def make_loader(name, train, val, config, view_root):
                 generator_flow(folders[1], train.class_names, config.image_size,
                                config.batch_size, False, False, config.seed), [])
     train_ds, train_cached = tf_data_pipeline(train, config.image_size, config.batch_size, True,
-                                              config.cache, config.augment, config.seed, "train")
+                                              config.cache, config.augment, config.seed, "train",
+                                              config.augment_with)
     val_ds, val_cached = tf_data_pipeline(val, config.image_size, config.batch_size, False,
                                           config.cache, False, config.seed, "validation")
     return train_ds, val_ds, [c for c in (train_cached, val_cached) if c is not None]

@@ -129,16 +129,33 @@ def test_cache_is_complete_after_fill_and_reused_by_a_later_run(stream, tmp_path
     assert sorted(labels) == sorted(scan.labels * 2)
 
 
-def test_augment_changes_images_but_keeps_shape_and_range(stream, tmp_path):
+@pytest.mark.parametrize("augment_with", ["fused", "layers"])
+def test_augment_changes_images_but_keeps_shape_and_range(stream, tmp_path, augment_with):
     root = write_tree(tmp_path / "data", per_class=4)
     scan = stream.scan_folder(root, SIZE)
     plain, _ = stream.tf_data_pipeline(scan, SIZE, 8, training=True, cache="memory", seed=1)
     augmented, _ = stream.tf_data_pipeline(scan, SIZE, 8, training=True, cache="memory",
-                                           augment=True, seed=1)
+                                           augment=True, seed=1, augment_with=augment_with)
     x_plain, x_aug = next(iter(plain))[0].numpy(), next(iter(augmented))[0].numpy()
     assert x_aug.shape == x_plain.shape == (8, SIZE, SIZE, 3)
     assert 0 <= x_aug.min() and x_aug.max() <= 1
     assert np.abs(np.sort(x_aug, axis=None) - np.sort(x_plain, axis=None)).mean() > 1e-3
+
+
+def test_random_affine_geometry_flips_and_shifts_like_the_generator(stream):
+    image = np.zeros((1, 9, 9, 1), np.float32)
+    image[0, 2, 1, 0] = 1  # one bright pixel at row 2, column 1
+    images = np.repeat(image, 64, axis=0)
+    flipped = stream.RandomAffine(rotation=0, shift=0, zoom=0, seed=3)(images).numpy()
+    # each image is either unchanged or mirrored left-right (column 1 -> column 7)
+    same = np.all(np.isclose(flipped, images), axis=(1, 2, 3))
+    mirrored = np.all(np.isclose(flipped, images[:, :, ::-1]), axis=(1, 2, 3))
+    assert np.all(same | mirrored) and 0 < same.sum() < 64
+    # shifts of at most 1/9 of the size move the pixel by at most one row and one column
+    shifted = stream.RandomAffine(rotation=0, shift=1 / 9, zoom=0, horizontal_flip=False,
+                                  seed=3)(images).numpy()
+    rows, cols = np.nonzero(shifted[:, :, :, 0].max(axis=0) > 0.5)
+    assert set(rows) <= {1, 2, 3} and set(cols) <= {0, 1, 2}
 
 
 def test_cli_lists_skipped_files_in_output_and_metrics_json(tmp_path):
