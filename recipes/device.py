@@ -17,20 +17,20 @@ Keras batches by index (no per-example Python or tf.data work), a whole
 epoch per compiled call (--steps_per_execution=0) and an XLA-compiled step
 (--xla=on). Keras' own defaults (one Python round trip per step, no XLA on a
 CPU-only TensorFlow) are --steps_per_execution=1 --xla=auto; on the full
-Fashion-MNIST job they take about twice as long. --batch_size=1000 shows how
+Fashion-MNIST job they take 1.5-2x as long. --batch_size=1000 shows how
 a bigger batch shrinks the overhead share; KERAS_BACKEND=jax runs the same
 job with less overhead still on a CPU.
 Run:    python main.py --recipe=device --price_per_hour=cpu:0.40,gpu:1.20
         python main.py --recipe=device --dataset=fashion_mnist --data_dir=DIR
 Expect: on the default shapes data (6,000 28x28 images) on 2 shared CPU cores,
-        no GPU: the CPU job takes 6-9 s, 4-5 s of it before the first step is
-        done (tracing and XLA compiling); the arithmetic floor is under 1 s
-        (7-14% of the job), so the verdict is "overhead-bound". The 300 SGD
-        steps at lr 0.001 only begin to learn the shapes (val accuracy ~0.17:
-        this job is about time; on Fashion-MNIST it reaches 0.83). The cost
-        verdict says a GPU at 1.20/h pays off only above a 3.00x speedup.
-        Full Fashion-MNIST: see benchmarks/device.py (TensorFlow: Keras'
-        defaults 26-30 s, the recipe's 14-17 s; JAX: 8-9 s; 2 shared cores).
+        no GPU: the CPU job takes 2-5 s, about half of it before the first step
+        (tracing and XLA compiling); the arithmetic floor is ~0.5 s (10-25%),
+        so the verdict is "overhead-bound". The 300 SGD steps at lr 0.001 only
+        begin to learn the shapes (val accuracy ~0.18: this job is about time).
+        The cost verdict says a GPU at $1.20/h pays off only above a 3.00x
+        speedup. --batch_size=1000 roughly halves the job. On full Fashion-MNIST
+        (--dataset=fashion_mnist) the job takes ~9 s, ~60% of it arithmetic,
+        val accuracy 0.822; Keras' defaults take ~1.5x as long (benchmarks/device.py).
 Copy:   this file alone works in any project with keras (TensorFlow or JAX
         backend) and numpy: run(Config(), "logs", ((x_train, y_train),
         (x_val, y_val))). It loads itself in a subprocess per device.
@@ -323,13 +323,13 @@ def train_job(config, data, weights, log_dir=None):
                   steps_per_execution=min(config.steps_per_execution or steps, steps),
                   jit_compile={"on": True, "off": False, "auto": "auto"}[config.xla])
     timer = CallTimer()
-    callbacks = [timer, keras.callbacks.TerminateOnNaN()]
-    if log_dir and _has_tensorflow():  # Keras' TensorBoard callback writes with tf.summary
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
     start = time.perf_counter()
-    history = model.fit(epochs=config.epochs, verbose=2, callbacks=callbacks,
+    history = model.fit(epochs=config.epochs, verbose=2,
+                        callbacks=[timer, keras.callbacks.TerminateOnNaN()],
                         **make_inputs(x_train, y_train, config, training=True))
     wall = time.perf_counter() - start
+    if log_dir:  # after the clock stops: a TensorBoard callback cost ~0.4 s per epoch here
+        log_history(os.path.join(log_dir, "train"), history.history)
     final_loss = history.history["loss"][-1]
     if not np.isfinite(final_loss):
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate")
@@ -340,6 +340,19 @@ def train_job(config, data, weights, log_dir=None):
             "val_loss": val_loss, "val_accuracy": val_accuracy,
             "steps_per_execution": model.steps_per_execution,
             "xla": bool(model.jit_compile)}
+
+
+def log_history(log_dir, history):
+    """Per-epoch curves as TensorBoard scalars (epoch_loss, ...); skipped without TensorFlow."""
+    if not _has_tensorflow():
+        return
+    import tensorflow as tf
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for key, values in history.items():
+            for epoch, value in enumerate(values):
+                tf.summary.scalar(f"epoch_{key}", value, step=epoch)
+    writer.close()
 
 
 def _has_tensorflow():

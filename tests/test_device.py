@@ -91,6 +91,7 @@ def test_each_device_runs_in_its_own_subprocess_and_a_failing_one_is_reported(
     tags = read_tensorboard_tags(tmp_path / "cpu")
     assert {"job/wall_time_s", "job/cost_usd", "job/examples_per_sec"} <= set(tags)
     assert tags["job/cost_usd"][0] == pytest.approx(metrics["cpu_cost_usd"], rel=1e-5)
+    assert len(read_tensorboard_tags(tmp_path / "cpu" / "train")["epoch_loss"]) == 1
 
 
 def test_batch_larger_than_the_data_is_rejected_before_training(tmp_path, tiny_images):
