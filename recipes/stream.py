@@ -6,8 +6,13 @@ classic `ImageDataGenerator(rescale=1/255).flow_from_directory(...)` fed to
 parallel, optionally caches (--cache=memory or a folder) and prefetches.
 Both see the same classes, class indices, target size, rescaling and steps;
 --augment applies the generator's usual augmentation (rotation, shifts, zoom,
-horizontal flip) to both, as Keras preprocessing layers on the tf.data side.
-For each loader it reports input-pipeline images/s alone (iterating the data
+horizontal flip) to both, on the tf.data side as a Keras layer in the pipeline:
+RandomAffine composes all four into one resampling pass, as the generator
+does (--augment_with=layers uses the four stock Keras layers, one pass each,
+about 3x slower on a CPU). --cache fills the cache with one full read before
+`fit`: a tf.data cache is only kept once its input is read to the end, and
+`fit` stops each epoch after its steps, so a cache filled inside `fit` served
+epoch 2 only sometimes. For each loader it reports input-pipeline images/s alone (iterating the data
 without training), training images/s inside `fit`, peak RSS and validation
 accuracy; --compare runs both, alternating, and reports the speedup.
 Before any training every file is checked once (in threads, JPEGs decoded
@@ -32,8 +37,8 @@ Where ImageDataGenerator comes from: Keras 3 dropped it from
 `keras.preprocessing.image`; `tensorflow.keras.preprocessing.image` resolves to
 Keras 3's private legacy copy until some import (tensorflow_model_optimization
 does) switches `tf.keras` to Keras 2. This recipe imports it from `tf_keras`
-(the Keras 2 package TensorFlow ships for exactly this), which is the same
-class whatever else the process imported. Its iterator is a Keras 2 Sequence,
+(the Keras 2 package the TensorFlow team maintains alongside Keras 3), which
+is the same class whatever else the process imported. Its iterator is a Keras 2 Sequence,
 so a five-line `keras.utils.PyDataset` adapter hands it to Keras 3's `fit`;
 `workers` is set on that adapter (`fit(workers=...)` and
 `flow_from_directory(workers=...)` raise TypeError in Keras 3). Its
