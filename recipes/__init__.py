@@ -16,6 +16,6 @@ RECIPES = {
               "tfmot magnitude pruning that really shrinks the saved model (gzip, TFLite)"),
     "device": ("recipes.device",
                "the same job on CPU and each GPU, with time, cost and a verdict"),
-    "profile": ("recipes.profile",
+    "profile": ("recipes.tf_profile",
                 "profiler trace, CPU/GPU utilization and memory, input-bound verdict"),
 }

@@ -405,8 +405,8 @@ def worker(job_file):
 # --- the parent: one subprocess per device ---------------------------------------------
 
 # The subprocess loads this file by path and calls worker(): running it as a script
-# would put its folder first on sys.path, where a sibling file (profile.py, say)
-# could shadow a standard-library module.
+# would put its folder first on sys.path, where a sibling file named like a
+# standard-library module could shadow it.
 WORKER = """import importlib.util, sys
 spec = importlib.util.spec_from_file_location("device_recipe_worker", sys.argv[1])
 module = importlib.util.module_from_spec(spec)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ENV, error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
 
-from recipes import profile  # noqa: E402  (conftest puts the repo on sys.path)
+from recipes import tf_profile as profile  # noqa: E402  (conftest puts the repo on sys.path)
 
 # 60 training images at batch 8: 7 steps an epoch, 14 in two epochs. The verdict's
 # threshold is set well apart from both the fast and the deliberately slow pipeline.
@@ -198,13 +198,13 @@ def test_cli_run_prints_verdict_and_writes_metrics(tmp_path):
 
 def test_recipe_file_works_dropped_in_alone(tmp_path):
     script = (
-        "import pathlib, numpy as np, profile\n"
+        "import pathlib, numpy as np, tf_profile as profile\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.random((40, 12, 12, 1), dtype=np.float32); y = rng.integers(0, 3, 40)\n"
         "m = profile.run(profile.Config(epochs=1, batch_size=8, profile_steps=(1, 2),\n"
         "                               sample_seconds=0.05), 'logs', ((x, y), (x[:16], y[:16])))\n"
         "assert list(pathlib.Path('logs').glob('plugins/profile/*/*.xplane.pb'))\n"
         "print('WAIT', m['input_wait_percent'], m['monitor_samples'])\n")
-    result = run_dropin("profile.py", script, tmp_path)
+    result = run_dropin("tf_profile.py", script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "WAIT" in result.stdout

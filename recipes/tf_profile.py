@@ -46,9 +46,9 @@ Expect: on the default shapes data (6,000 28x28 images, batch 64, 2 epochs,
         Time Series shows loss and monitor/* on one step/wall-time axis.
 Copy:   this file alone works in any project with tensorflow, keras, psutil
         and tensorboard-plugin-profile (for viewing the trace):
-        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))). Its name
-        shadows the standard library's `profile` (which cProfile imports), so
-        in your project save it under another name, e.g. tf_profile.py.
+        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))). The file
+        is named tf_profile.py, not profile.py, so that it does not shadow the
+        standard library's `profile` module (which cProfile imports).
 """
 import contextlib
 import dataclasses
