@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 # tfmot 0.8 prunes only tf_keras (Keras 2) models: every model in this file is
-# built with `tf_keras`, never with Keras 3's `keras` (or `tf.keras`, whose
+# built with `tf_keras`, never with Keras 3's `keras` (or TensorFlow's keras alias, whose
 # meaning tfmot flips). Importing tfmot also sets TF_USE_LEGACY_KERAS=1 for the
 # whole process; it is put back so other code in the process keeps Keras 3.
 _LEGACY_KERAS_ENV = os.environ.get("TF_USE_LEGACY_KERAS")

@@ -43,7 +43,7 @@ Copy:   this file alone works in any project with tensorflow, keras, tf-keras,
 Where ImageDataGenerator comes from: Keras 3 dropped it from
 `keras.preprocessing.image`; `tensorflow.keras.preprocessing.image` resolves to
 Keras 3's private legacy copy until some import (tensorflow_model_optimization
-does) switches `tf.keras` to Keras 2. This recipe imports it from `tf_keras`
+does) switches TensorFlow's keras alias to Keras 2. This recipe imports it from `tf_keras`
 (the Keras 2 package the TensorFlow team maintains alongside Keras 3), which
 is the same class whatever else the process imported. Its iterator is a Keras 2 Sequence,
 so a five-line `keras.utils.PyDataset` adapter hands it to Keras 3's `fit`;
