@@ -361,7 +361,8 @@ def main(argv):
     dataset, data = load_data(module, fv, config)
     chief = distribute.is_chief()
     run_dir = prepare_run_dir(name, module, fv, argv, chief)
-    if not (run_dir / "flags.json").exists():
+    fresh = not (run_dir / "flags.json").exists()  # False when --resume continues a run
+    if fresh:
         write_json_atomically(run_dir / "flags.json", {
             "recipe": name, "dataset": dataset, "argv": argv[1:],
             "config": dataclasses.asdict(config),
@@ -376,8 +377,9 @@ def main(argv):
             print_summary(run_dir, metrics, getattr(module, "HEADLINE", ()), fv.logdir)
     except ArithmeticError as e:  # a NaN/Inf guard fired: the run is over, its logs stay
         fail(f"{e} (run folder: {run_dir})", code=1)
-    except ValueError as e:  # the recipe rejected its input before training: leave nothing
-        shutil.rmtree(run_dir, ignore_errors=True)
+    except ValueError as e:  # the recipe rejected its input before training: leave nothing new
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
         fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     except Exception as e:
         if not is_out_of_memory(e):
