@@ -146,3 +146,28 @@ def test_multi_worker_trains_on_two_local_workers(tmp_path):
     assert not (tmp_path / "runs1").exists()  # only the chief writes a run folder
     tags = read_tensorboard_tags(only_run_dir(tmp_path / "runs0", "batch") / "batch_8" / "validation")
     assert len(tags["epoch_accuracy"]) == 2
+
+
+# Every recipe whose training is in this process, pushed to a NaN loss with a
+# learning rate near float32's limit, so the first updates overflow (batch and
+# mixed_precision are checked through the CLI, device per subprocess in their
+# own test files).
+NAN_RUNS = {
+    "prune": ["--baseline_epochs=1", "--epochs=1", "--steps_per_epoch=10"],
+    "transfer": ["--weights=none", "--epochs=1", "--steps_per_epoch=3", "--image_size=32"],
+    "stream": ["--epochs=1", "--steps_per_epoch=5", "--image_size=32"],
+    "profile": ["--epochs=1", "--steps_per_epoch=10", "--profile_steps=1,2"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(NAN_RUNS))
+def test_nan_loss_ends_every_recipe_with_one_line_and_exit_1(recipe, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setenv("KERAS_GPU_RECIPES_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["main.py", f"--recipe={recipe}", *NAN_RUNS[recipe], "--learning_rate=1e38",
+                   f"--logdir={tmp_path / 'runs'}"])
+    assert stopped.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and ("nan" in lines[0] or "inf" in lines[0]), lines
+    assert not list((tmp_path / "runs").glob("*/*/metrics.json"))
