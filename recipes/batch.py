@@ -22,7 +22,10 @@ Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores), measured:
         off by default. TensorBoard shows one run per batch size and a `sweep`
         run with throughput and accuracy plotted against batch size.
 Copy:   this file alone works in any project with tensorflow and keras:
-        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))).
+        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))); add
+        strategy=tf.distribute.MirroredStrategy() for several GPUs (batch
+        sizes are then per replica). Running it again on the same folder
+        continues a killed sweep from its last finished epoch.
 """
 import dataclasses
 import glob
