@@ -20,7 +20,6 @@ variants are skipped.
 """
 import argparse
 import dataclasses
-import gzip
 import os
 import pathlib
 import sys
@@ -33,24 +32,16 @@ sys.path.insert(0, str(REPO))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from datasets import idx  # noqa: E402  (checks magic, shape and count; no TensorFlow)
 from recipes import device  # noqa: E402
 
 TARGET = 2.0
 
 
-def read_idx(path, offset):
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
 def load_fashion_mnist(folder):
-    folder = pathlib.Path(folder)
-    split = {}
-    for name, prefix in (("train", "train"), ("test", "t10k")):
-        x = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
-        y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
-        split[name] = (x.astype(np.float32) / 255, y)
-    return split["train"], split["test"]
+    """((x_train, y_train), (x_test, y_test)): float32 (n, 28, 28, 1) in [0, 1], int64 labels."""
+    return tuple((x[..., None].astype(np.float32) / 255, y.astype(np.int64))
+                 for x, y in idx.load("fashion_mnist", folder))
 
 
 def variants(backend):

@@ -20,7 +20,6 @@ is slower than float32 here), and the ratio vs the target: >= 1.5 for the
 picked 16-bit policy on CPU, >= 2 for the conv net on a GPU.
 """
 import argparse
-import gzip
 import os
 import pathlib
 import sys
@@ -31,24 +30,16 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from datasets import idx  # noqa: E402  (checks magic, shape and count; no TensorFlow)
 from recipes import mixed_precision as mp  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
-def read_idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def load_fashion(data_dir, n):
-    folder = pathlib.Path(data_dir) / "fashion-mnist"
-    images = read_idx(folder / "train-images-idx3-ubyte.gz")[:n].astype("float32") / 255
-    labels = read_idx(folder / "train-labels-idx1-ubyte.gz")[:n].astype("int64")
-    return images, labels
+    """The first n Fashion-MNIST training images (float32 in [0, 1]) and labels."""
+    (images, labels), _ = idx.load("fashion_mnist", pathlib.Path(data_dir) / "fashion-mnist")
+    return images[:n].astype("float32") / 255, labels[:n].astype("int64")
 
 
 def upsample_rgb(images, size):
