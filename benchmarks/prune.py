@@ -144,7 +144,7 @@ def print_report(baselines, rows, args, wall):
               f"{median(r, 'drop'):>9.2f} {median(r, 'h5'):>9,.0f} {median(r, 'h5_x'):>5.2f} "
               f"{median(r, 'quant'):>16,.0f} {median(r, 'quant_x'):>6.2f} "
               f"{median(r, 'seconds'):>5.0f}  {layers}")
-    print(f"drop per repeat: " + "; ".join(
+    print("drop per repeat: " + "; ".join(
         f"{name} " + "/".join(f"{r['drop']:.2f}" for r in rows[name]) for name, _, _ in VARIANTS))
     print(f"whole script {wall:.0f} s")
     print()

@@ -1,11 +1,17 @@
 """Shared test helpers: run the CLI in a subprocess, make tiny data, read TensorBoard."""
+import contextlib
+import gzip
+import json
 import os
 import pathlib
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import time
+import urllib.request
 
-import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -76,3 +82,56 @@ def tiny_images():
     """((x_train, y_train), (x_val, y_val)): 60 + 20 generated 28x28 gray shapes."""
     from datasets import shapes
     return shapes.load(60, 20, image_size=28, channels=1, seed=0)
+
+
+def write_idx_gz(path, magic, dims, payload):
+    """An idx file as MNIST publishes it: big-endian magic, dimensions, then bytes."""
+    header = struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:])
+    with gzip.open(path, "wb") as f:
+        f.write(header + payload)
+
+
+def free_ports(n=1):
+    """n distinct ports on 127.0.0.1 that nothing listens on now."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":  # the profile plugin gzips
+            body = gzip.decompress(body)
+        return json.loads(body)
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir):
+    """The real `tensorboard` on 127.0.0.1 at a free port; yields a `get(path)` that
+    waits up to 60 s for it to answer, and stops the server afterwards."""
+    port = free_ports()[0]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}",
+                               "--host=127.0.0.1", f"--port={port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+
+    def get(path):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return get_json(f"http://127.0.0.1:{port}{path}")
+            except OSError:  # not listening yet
+                assert server.poll() is None, "tensorboard exited early"
+                assert time.monotonic() < deadline, "tensorboard did not answer within 60 s"
+                time.sleep(0.5)
+
+    try:
+        yield get
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -4,19 +4,11 @@ The cases run main.main() in this process (one TensorFlow import for all of
 them); tests/test_cli.py checks a few of the same end to end in subprocesses.
 README's troubleshooting section lists these messages.
 """
-import gzip
-import struct
-
 import pytest
 from PIL import Image
 
 import main
-
-
-def idx_gz(path, magic, dims, payload):
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:]))
-        f.write(payload)
+from conftest import write_idx_gz
 
 
 def make_folders(root):
@@ -28,10 +20,10 @@ def make_folders(root):
     Image.new("RGB", (8, 8)).save(root / "one_class" / "cats" / "0.png")
     idx = root / "idx"
     idx.mkdir()
-    idx_gz(idx / "train-images-idx3-ubyte.gz", 2051, (5, 28, 28), bytes(5 * 28 * 28))
-    idx_gz(idx / "train-labels-idx1-ubyte.gz", 2049, (5,), bytes(5))
-    idx_gz(idx / "t10k-images-idx3-ubyte.gz", 2051, (3, 28, 28), bytes(100))  # truncated
-    idx_gz(idx / "t10k-labels-idx1-ubyte.gz", 2049, (3,), bytes(3))
+    write_idx_gz(idx / "train-images-idx3-ubyte.gz", 2051, (5, 28, 28), bytes(5 * 28 * 28))
+    write_idx_gz(idx / "train-labels-idx1-ubyte.gz", 2049, (5,), bytes(5))
+    write_idx_gz(idx / "t10k-images-idx3-ubyte.gz", 2051, (3, 28, 28), bytes(100))  # truncated
+    write_idx_gz(idx / "t10k-labels-idx1-ubyte.gz", 2049, (3,), bytes(3))
     (root / "a_file").write_text("not a folder")
 
 

@@ -1,15 +1,14 @@
 """main.py as a user meets it: help, bad input, the run folder, TensorBoard."""
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 
 import pytest
 
-from conftest import ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli
+from conftest import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
+                      tensorboard_server)
 
 import main
 from recipes import RECIPES
@@ -101,35 +100,14 @@ def test_tensorboard_has_epoch_loss_and_accuracy_for_train_and_validation(finish
     assert len(sweep["sweep/examples_per_sec"]) == 2  # one point per batch size
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensorboard_server_serves_a_finished_run(finished_run):
     logdir, run_dir, _ = finished_run
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}",
-                               "--host=127.0.0.1", f"--port={port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    run_name = f"batch/{run_dir.name}/batch_8/train"
-    url = (f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?"
-           + urllib.parse.urlencode({"run": run_name, "tag": "epoch_loss"}))
-    try:
-        deadline, points = time.time() + 60, None
-        while time.time() < deadline and points is None:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    points = json.loads(response.read())
-            except OSError:
-                time.sleep(0.5)
-        assert points is not None, "tensorboard did not answer within 60 s"
-        assert [step for _, step, _ in points] == [0, 1]
-        assert all(value > 0 for _, _, value in points)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    query = urllib.parse.urlencode({"run": f"batch/{run_dir.name}/batch_8/train",
+                                    "tag": "epoch_loss"})
+    with tensorboard_server(logdir) as get:
+        points = get(f"/data/plugin/scalars/scalars?{query}")
+    assert [step for _, step, _ in points] == [0, 1]
+    assert all(value > 0 for _, _, value in points)
 
 
 def test_run_folders_are_unique_within_one_second(tmp_path):

@@ -1,10 +1,9 @@
 """datasets/: the generated default, idx files, class folders, the toy."""
-import gzip
-import struct
-
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import write_idx_gz
 
 import datasets
 from datasets import folder, idx, shapes
@@ -66,20 +65,14 @@ def test_shapes_folder_is_written_once_and_reused(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith("train.")]
 
 
-def write_idx(path, magic, shape, data):
-    header = struct.pack(">II", magic, shape[0]) + b"".join(struct.pack(">I", d) for d in shape[1:])
-    with gzip.open(path, "wb") as f:
-        f.write(header + data)
-
-
 def write_idx_set(folder, n_train=6, n_test=4):
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n, dtype=np.uint8)
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", 2051, images.shape, images.tobytes())
-        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", 2049, labels.shape, labels.tobytes())
+        write_idx_gz(folder / f"{split}-images-idx3-ubyte.gz", 2051, images.shape, images.tobytes())
+        write_idx_gz(folder / f"{split}-labels-idx1-ubyte.gz", 2049, labels.shape, labels.tobytes())
         arrays[split] = (images, labels)
     return arrays
 
@@ -100,9 +93,9 @@ def test_idx_as_recipe_arrays_are_scaled_with_a_channel_axis(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:20]), "not a readable idx file"),
-    (lambda p: write_idx(p, 2051, (6, 28, 28), bytes(100)), "truncated"),
-    (lambda p: write_idx(p, 1234, (6, 28, 28), bytes(6 * 28 * 28)), "magic number 1234"),
-    (lambda p: write_idx(p, 2051, (5, 28, 28), bytes(5 * 28 * 28)), "has 5 images but train-labels-idx1-ubyte.gz has 6 labels"),
+    (lambda p: write_idx_gz(p, 2051, (6, 28, 28), bytes(100)), "truncated"),
+    (lambda p: write_idx_gz(p, 1234, (6, 28, 28), bytes(6 * 28 * 28)), "magic number 1234"),
+    (lambda p: write_idx_gz(p, 2051, (5, 28, 28), bytes(5 * 28 * 28)), "has 5 images but train-labels-idx1-ubyte.gz has 6 labels"),
 ])
 def test_corrupt_idx_file_is_named_in_the_error(tmp_path, damage, message):
     write_idx_set(tmp_path)

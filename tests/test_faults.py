@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli
+from conftest import (ENV, REPO, error_lines, free_ports, only_run_dir, read_tensorboard_tags,
+                      run_cli)
 
 import main
 from recipes import batch
@@ -111,18 +111,8 @@ def test_out_of_memory_errors_are_recognised():
     assert not main.is_out_of_memory(RuntimeError("shapes do not match"))
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_multi_worker_trains_on_two_local_workers(tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
     for index in range(2):

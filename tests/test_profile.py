@@ -1,20 +1,15 @@
 """The profile recipe: a trace TensorBoard's Profile tab opens, monitor scalars
 beside the loss, and an input-bound verdict that follows the input pipeline."""
 import contextlib
-import gzip
 import io
 import json
 import pathlib
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import ENV, error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
+from conftest import (error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin,
+                      tensorboard_server)
 
 from recipes import tf_profile as profile  # noqa: E402  (conftest puts the repo on sys.path)
 
@@ -45,20 +40,6 @@ def profiled(tmp_path_factory):
     return metrics, run_dir, printed
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body = response.read()
-        if response.headers.get("Content-Encoding") == "gzip":  # the profile plugin gzips
-            body = gzip.decompress(body)
-        return json.loads(body)
-
-
 def test_profile_run_writes_trace_that_tensorboard_profile_tab_lists(profiled):
     metrics, run_dir, _ = profiled
     traces = list(run_dir.glob("plugins/profile/*/*.xplane.pb"))
@@ -66,27 +47,10 @@ def test_profile_run_writes_trace_that_tensorboard_profile_tab_lists(profiled):
     assert metrics["profile_trace"] == str(traces[0])
     session = traces[0].parent.name
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    runs, deadline = None, time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            try:
-                runs = get_json(f"http://127.0.0.1:{port}/data/plugin/profile/runs")
-                plugins = get_json(f"http://127.0.0.1:{port}/data/plugins_listing")
-                tools = get_json(f"http://127.0.0.1:{port}/data/plugin/profile/run_tools"
-                                 f"?run={traces[0].parent.name}")
-                break
-            except OSError:  # not listening yet
-                assert server.poll() is None, "tensorboard exited early"
-                time.sleep(0.5)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    assert runs is not None, "tensorboard did not answer within 60 s"
+    with tensorboard_server(run_dir) as get:
+        runs = get("/data/plugin/profile/runs")
+        plugins = get("/data/plugins_listing")
+        tools = get(f"/data/plugin/profile/run_tools?run={session}")
     assert "profile" in plugins
     assert session in [pathlib.PurePath(run).name for run in runs], runs
     # The trace opens: the tab offers its trace viewer and input-pipeline analysis.
