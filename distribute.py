@@ -21,11 +21,15 @@ class StrategyError(ValueError):
     """A strategy that cannot be had here: main.py prints one line, exit 2."""
 
 
+def check_name(name):
+    if name not in NAMES:
+        raise StrategyError(f"unknown --strategy={name}; choose one of {', '.join(NAMES)}")
+
+
 def make(name):
     import tensorflow as tf  # Deferred: main.py --help must not load TensorFlow.
 
-    if name not in NAMES:
-        raise StrategyError(f"unknown --strategy={name}; choose one of {', '.join(NAMES)}")
+    check_name(name)
     if name == "auto":
         name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
     if name == "default":

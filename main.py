@@ -126,7 +126,7 @@ def build_config(module, fv, converters):
             raise ValueError(f"--{name} does not apply to this recipe (see its --help)")
     values = {}
     for field in dataclasses.fields(module.Config):
-        value = fv[field.name].value if field.name in fv else None
+        value = fv[field.name].value  # every field has a flag: its own or a shared one
         if field.name in SHARED_FLAGS and value is None:
             continue  # shared flag not given: keep the recipe's default
         try:
@@ -296,14 +296,15 @@ def make_strategy(name, module, fv):
     """The tf.distribute strategy to pass to run(), or None for recipes without one."""
     import distribute  # Deferred: it imports TensorFlow when a strategy is made.
 
-    if "strategy" not in inspect.signature(module.run).parameters:
-        if fv.strategy not in ("auto", "default"):
-            fail(f"--strategy={fv.strategy} is not supported by --recipe={name} "
-                 "(README: which recipes support which strategy)")
-        return None
-    if fv.resume and fv.strategy == "multi_worker":
-        fail("--resume is not supported with --strategy=multi_worker")
     try:
+        distribute.check_name(fv.strategy)  # first, whatever the recipe
+        if "strategy" not in inspect.signature(module.run).parameters:
+            if fv.strategy not in ("auto", "default"):
+                fail(f"--strategy={fv.strategy} is not supported by --recipe={name} "
+                     "(README: which recipes support which strategy)")
+            return None
+        if fv.resume and fv.strategy == "multi_worker":
+            fail("--resume is not supported with --strategy=multi_worker")
         return distribute.make(fv.strategy)
     except distribute.StrategyError as e:
         fail(str(e))

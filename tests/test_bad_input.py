@@ -53,6 +53,8 @@ CASES = {
                           "lacks train-images-idx3-ubyte.gz"),
     # distribution and resuming
     "unknown_strategy": (BATCH + ["--strategy=bogus"], "unknown --strategy=bogus"),
+    "unknown_strategy_on_one_device_recipe": (["--recipe=transfer", "--strategy=bogus"],
+                                              "unknown --strategy=bogus"),
     "multi_worker_without_tf_config": (BATCH + ["--strategy=multi_worker"], "needs the TF_CONFIG"),
     "strategy_recipe_lacks": (["--recipe=transfer", "--strategy=mirrored"],
                               "--strategy=mirrored is not supported by --recipe=transfer"),
