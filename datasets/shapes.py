@@ -110,8 +110,10 @@ def draw_example(label, size, channels, rng):
     return image.astype(np.uint8)
 
 
-def _example_rng(seed, index):
-    return np.random.default_rng([seed, index])
+def _example(seed, index, image_size, channels):
+    """(pixels, label) of example `index`: its own generator, so any prefix is stable."""
+    label = index % len(CLASS_NAMES)
+    return draw_example(label, image_size, channels, np.random.default_rng([seed, index])), label
 
 
 def generate(n, image_size=28, channels=1, seed=0, offset=0):
@@ -126,10 +128,7 @@ def generate(n, image_size=28, channels=1, seed=0, offset=0):
     images = np.empty((n, image_size, image_size, channels), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     for i in range(n):
-        rng = _example_rng(seed, offset + i)
-        label = (offset + i) % len(CLASS_NAMES)
-        images[i] = draw_example(label, image_size, channels, rng)
-        labels[i] = label
+        images[i], labels[i] = _example(seed, offset + i, image_size, channels)
     return images, labels
 
 
@@ -156,9 +155,7 @@ def write_folder(root, n, image_size=150, channels=3, seed=0, image_format="jpeg
         for name in CLASS_NAMES:
             (staging / name).mkdir()
         for i in range(n):
-            rng = _example_rng(seed, offset + i)
-            label = (offset + i) % len(CLASS_NAMES)
-            pixels = draw_example(label, image_size, channels, rng)
+            pixels, label = _example(seed, offset + i, image_size, channels)
             image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
             image.save(staging / CLASS_NAMES[label] / f"{offset + i:06d}.{ext}")
         os.replace(staging, root)
