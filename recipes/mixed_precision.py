@@ -27,7 +27,6 @@ Copy:   this file alone works in any project with keras (TensorFlow or JAX
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import os
 import platform
 import resource
@@ -273,8 +272,14 @@ def throughput(step_seconds, batch_size, warmup_steps):
             "step_time_ms_p90": 1000 * float(np.percentile(steady, 90))}
 
 
+@functools.lru_cache(maxsize=None)
 def has_tensorflow():
-    return importlib.util.find_spec("tensorflow") is not None
+    """Whether TensorFlow imports (for TensorBoard logs); JAX runs need none."""
+    try:
+        import tensorflow  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 class Trainee:

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -89,6 +90,19 @@ def write_idx_gz(path, magic, dims, payload):
     header = struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:])
     with gzip.open(path, "wb") as f:
         f.write(header + payload)
+
+
+def write_idx_set(folder, n_train=6, n_test=4):
+    """A random MNIST-format set (train and t10k) in folder; returns {split: (images, labels)}."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx_gz(folder / f"{split}-images-idx3-ubyte.gz", 2051, images.shape, images.tobytes())
+        write_idx_gz(folder / f"{split}-labels-idx1-ubyte.gz", 2049, labels.shape, labels.tobytes())
+        arrays[split] = (images, labels)
+    return arrays
 
 
 def free_ports(n=1):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_idx_gz
+from conftest import write_idx_gz, write_idx_set
 
 import datasets
 from datasets import folder, idx, shapes
@@ -63,18 +63,6 @@ def test_shapes_folder_is_written_once_and_reused(tmp_path):
     assert shapes.cached_folder(20, 10, image_size=32, channels=3, cache_dir=tmp_path) == root
     assert files[0].stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith("train.")]
-
-
-def write_idx_set(folder, n_train=6, n_test=4):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        write_idx_gz(folder / f"{split}-images-idx3-ubyte.gz", 2051, images.shape, images.tobytes())
-        write_idx_gz(folder / f"{split}-labels-idx1-ubyte.gz", 2049, labels.shape, labels.tobytes())
-        arrays[split] = (images, labels)
-    return arrays
 
 
 def test_idx_files_read_back_exactly(tmp_path):
