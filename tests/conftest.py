@@ -37,7 +37,14 @@ def error_lines(stderr):
             and not line.startswith("To enable the following instructions")]
 
 
-def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None):
+def block_tensorflow(folder):
+    """A `tensorflow` package in folder that fails to import. With folder first on
+    PYTHONPATH, a run proves it needs no TensorFlow (as on a JAX-only machine)."""
+    (folder / "tensorflow").mkdir()
+    (folder / "tensorflow" / "__init__.py").write_text("raise ImportError('tensorflow blocked')")
+
+
+def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None, without_tensorflow=False):
     """Copies one recipe file alone into an empty dir and runs `script` there.
 
     The repository is not importable from there (cwd and PYTHONPATH point at
@@ -45,6 +52,8 @@ def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None):
     """
     workdir = tmp_path / "dropin"
     workdir.mkdir()
+    if without_tensorflow:
+        block_tensorflow(workdir)
     shutil.copy(REPO / "recipes" / recipe_file, workdir / recipe_file)
     run_env = {**(env or ENV), "PYTHONPATH": str(workdir)}
     return subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True,

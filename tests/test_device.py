@@ -103,12 +103,6 @@ def test_batch_larger_than_the_data_is_rejected_before_training(tmp_path, tiny_i
 
 
 DROPIN = """
-import importlib, pathlib
-# A tensorflow package that fails to import, first on the path of this process and of
-# the per-device subprocess (PYTHONPATH): proves the JAX run needs no TensorFlow.
-pathlib.Path("tensorflow").mkdir()
-pathlib.Path("tensorflow/__init__.py").write_text("raise ImportError('tensorflow blocked')")
-importlib.invalidate_caches()
 import numpy as np
 from device import Config, run
 rng = np.random.default_rng(0)
@@ -123,7 +117,8 @@ print("RESULT", metrics["cpu_backend"], metrics["devices_failed"],
 
 def test_recipe_file_runs_alone_on_jax_without_tensorflow(tmp_path):
     proc = run_dropin("device.py", DROPIN, tmp_path,
-                      env={**ENV, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
+                      env={**ENV, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
+                      without_tensorflow=True)  # on PYTHONPATH: the per-device subprocess too
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT jax 0 True cpu" in proc.stdout, proc.stdout[-2000:]
     assert (tmp_path / "dropin" / "logs" / "cpu.log").exists()

@@ -6,8 +6,8 @@ import sys
 import keras
 import pytest
 
-from conftest import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
-                      run_dropin, write_idx_set)
+from conftest import (ENV, REPO, block_tensorflow, error_lines, only_run_dir,
+                      read_tensorboard_tags, run_cli, run_dropin, write_idx_set)
 from recipes import mixed_precision as mp
 
 TINY = dict(epochs=1, batch_size=16, steps_per_epoch=2, filters=(8, 16), dense_units=16,
@@ -125,12 +125,6 @@ def test_cli_bad_width_is_one_line_error(tmp_path):
 
 
 DROPIN = """
-import importlib, pathlib
-# A tensorflow package that fails to import, first on the path: proves the JAX run
-# (and so the benchmark on a GPU machine without TensorFlow) needs none.
-pathlib.Path("tensorflow").mkdir()
-pathlib.Path("tensorflow/__init__.py").write_text("raise ImportError('tensorflow blocked')")
-importlib.invalidate_caches()
 import keras, numpy as np
 import mixed_precision as mp
 assert keras.backend.backend() == "jax", keras.backend.backend()
@@ -146,7 +140,7 @@ print("OK", m["policy"], round(m["speedup"], 2))
 
 def test_dropin_file_runs_alone_on_the_jax_backend_without_tensorflow(tmp_path):
     result = run_dropin("mixed_precision.py", DROPIN, tmp_path,
-                        env={**ENV, "KERAS_BACKEND": "jax"})
+                        env={**ENV, "KERAS_BACKEND": "jax"}, without_tensorflow=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK mixed_bfloat16" in result.stdout
     assert "TensorFlow is not installed" in result.stdout
@@ -156,8 +150,7 @@ def test_benchmark_runs_on_jax_with_tensorflow_not_importable(tmp_path):
     """The issue's GPU check runs this benchmark where only JAX is installed."""
     (tmp_path / "data" / "fashion-mnist").mkdir(parents=True)
     write_idx_set(tmp_path / "data" / "fashion-mnist", n_train=64)
-    (tmp_path / "tensorflow").mkdir()
-    (tmp_path / "tensorflow" / "__init__.py").write_text("raise ImportError('tensorflow blocked')")
+    block_tensorflow(tmp_path)
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "mixed_precision.py"),
          f"--data_dir={tmp_path / 'data'}", "--examples=64", "--batch_size=16", "--steps=2",
