@@ -29,8 +29,9 @@ HELP_ARGS = {"--help", "-h", "-?", "--helpfull", "--helpshort"}
 # Shared flags: name -> (default, help). None means "the recipe's own default".
 SHARED_FLAGS = {
     "recipe": (None, "which recipe to run: " + ", ".join(RECIPES)),
-    "dataset": (None, "shapes (generated, the default), mnist, fashion_mnist, "
-                      "directory (a folder of class sub-folders) or threshold"),
+    "dataset": (None, "shapes (generated, the default), shapes_hard (any polarity, position "
+                      "and rotation), mnist, fashion_mnist, directory (a folder of class "
+                      "sub-folders) or threshold"),
     "data_dir": (None, "folder with the dataset's files (idx .gz files or class sub-folders)"),
     "epochs": (None, "training epochs (default: the recipe's)"),
     "batch_size": (None, "examples per training step (default: the recipe's)"),

@@ -1,7 +1,8 @@
 """Does the 16-bit policy cost accuracy? The recipe's --compare, repeated over seeds.
 
 Runs the mixed_precision recipe with --compare on its default data (the
-generated shapes set at the recipe's DATA geometry and size) once per seed;
+generated shapes set it names in DEFAULT_DATASET, at its DATA geometry and
+size) once per seed;
 each run trains float32 and the auto-picked policy from the same initial
 weights on the same batches. One run's delta mixes precision with training
 noise, so this prints every seed's accuracies, delta and speedup, and a last
@@ -32,8 +33,8 @@ def main():
 
     n_train, n_val = mp.DATA["examples"]
     size, channels = mp.DATA["image_size"], mp.DATA["channels"]
-    data = shapes.load(n_train, n_val, size, channels, seed=0)
-    print(f"shapes {size}x{size}x{channels}: {n_train} train, {n_val} validation; "
+    data = shapes.load(n_train, n_val, size, channels, seed=0, variant=mp.DEFAULT_DATASET)
+    print(f"{mp.DEFAULT_DATASET} {size}x{size}x{channels}: {n_train} train, {n_val} validation; "
           f"{args.epochs} epochs per policy")
     print(f"{'seed':>4} {'policy':<15} {'val_acc':>8} {'float32':>8} {'delta pts':>10} "
           f"{'speedup':>8}")

@@ -20,7 +20,7 @@ import numpy as np
 from datasets import folder, idx, shapes
 from datasets.errors import DataError
 
-NAMES = ("shapes", "mnist", "fashion_mnist", "directory", "threshold")
+NAMES = ("shapes", "shapes_hard", "mnist", "fashion_mnist", "directory", "threshold")
 SHAPES_TRAIN, SHAPES_VAL = 6000, 1000
 
 
@@ -53,15 +53,15 @@ def load(name, data_dir=None, form="arrays", image_size=28, channels=1, seed=0,
     if name not in NAMES:
         raise DataError(f"unknown --dataset={name}; choose one of {', '.join(NAMES)}")
     if form == "directory":
-        if name == "shapes":
-            root = shapes.cached_folder(n_train, n_val, image_size, channels, seed)
+        if name in shapes.VARIANTS:
+            root = shapes.cached_folder(n_train, n_val, image_size, channels, seed, variant=name)
             return root / "train", root / "validation"
         if name != "directory":
             raise DataError(f"this recipe reads image folders; --dataset={name} is not one "
-                            "(use --dataset=directory --data_dir=FOLDER or shapes)")
+                            "(use --dataset=directory --data_dir=FOLDER, shapes or shapes_hard)")
         return folder.find_tree(data_dir)
-    if name == "shapes":
-        return shapes.load(n_train, n_val, image_size, channels, seed)
+    if name in shapes.VARIANTS:
+        return shapes.load(n_train, n_val, image_size, channels, seed, variant=name)
     if name == "threshold":
         return threshold()
     if name == "directory":
