@@ -52,7 +52,9 @@ import keras
 import numpy as np
 
 # What main.py feeds this recipe: arrays of 28x28 gray images (Fashion-MNIST's shape).
-DATA = {"form": "arrays", "image_size": 28, "channels": 1}
+# 12,000 shapes: the job's 5 epochs of SGD at lr 0.001 reach ~0.86 on them; on 6,000
+# (300 steps) they stopped near 0.78.
+DATA = {"form": "arrays", "image_size": 28, "channels": 1, "examples": (12000, 2000)}
 DEFAULT_DATASET = "shapes"
 HEADLINE = ("cheapest_device", "cpu_wall_time_s", "cpu_examples_per_sec", "cpu_val_accuracy",
             "cpu_compute_share", "break_even_speedup", "gpu_count", "devices_failed",

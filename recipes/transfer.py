@@ -65,6 +65,9 @@ HEADLINE = ("val_accuracy_phase1", "val_accuracy_phase2", "best_val_accuracy", "
 WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"  # what keras downloads
 LAST_BLOCK = "block5_"
 MIN_IMAGE_SIZE = 32
+# Printed before and after a --weights=none run, whose accuracy stays near chance.
+PRETRAINED_NOTE = ("Accuracy needs pretrained weights: --weights=imagenet (downloaded once), "
+                   "or --weights=FILE.h5 offline.")
 
 
 @dataclasses.dataclass
@@ -392,7 +395,7 @@ def run(config, run_dir, data):
     if config.weights == "none":
         print("\n*** --weights=none: VGG16 starts from RANDOM weights. This run only shows the "
               "mechanics and speed\n*** (freezing, caching, fine-tuning); its accuracy says "
-              "nothing about transfer learning. ***\n", flush=True)
+              f"nothing about transfer learning. ***\n{PRETRAINED_NOTE}\n", flush=True)
     keras.utils.set_random_seed(config.seed)
     base = load_vgg16(config.weights, config.image_size)  # fails here, before training
     model, head, extractor = build_model(base, num_classes, config.dense_units, config.augment,
@@ -454,4 +457,7 @@ def run(config, run_dir, data):
                    best_val_accuracy=save_best.best, best_epoch=save_best.best_epoch,
                    pretrained=int(config.weights != "none"),
                    wall_time_s=time.perf_counter() - start)
+    if config.weights == "none":  # again at the end, beside the numbers it qualifies
+        print(f"\nval_accuracy {metrics['val_accuracy']:.3f} is from random VGG16 weights: "
+              f"not a result. {PRETRAINED_NOTE}")
     return metrics

@@ -112,6 +112,9 @@ def test_cli_tiny_run_at_32px_puts_both_phases_on_one_tensorboard_timeline(tmp_p
                      "--dense_units=16", "--augment", f"--logdir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANDOM weights" in result.stdout
+    # The warning is repeated after training, beside the accuracy it qualifies.
+    after_training = result.stdout[result.stdout.rindex("Epoch "):]
+    assert "not a result. Accuracy needs pretrained weights: --weights=imagenet" in after_training
     run_dir = only_run_dir(tmp_path, "transfer")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("val_accuracy_phase1", "val_accuracy_phase2", "base_epoch_s",
