@@ -20,12 +20,14 @@ Run:    python main.py --recipe=prune
         python main.py --recipe=prune --sweep=0.5,0.7,0.8,0.9,0.95
         python main.py --recipe=prune --model=conv --dataset=mnist --data_dir=DIR
 Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores) the run
-        takes about 30 s: every pruned kernel is exactly 80% zeros, the gzipped
-        .h5 is 3.3x smaller (406 KB -> 122 KB) and the int8 TFLite file 10x
-        smaller (39 KB). This MLP reaches only ~30% accuracy on shapes (10
-        classes, random rotation, colour and noise); the pruned copy ends a few
-        points higher because fine-tuning trains it 4 more epochs. For a
-        meaningful accuracy comparison use --model=conv on MNIST: the benchmark
+        takes about 20 s: the baseline MLP reaches 0.982 validation accuracy,
+        the pruned copy 0.973 (0.9 points lower) with every pruned kernel
+        exactly 80% zeros; the gzipped .h5 is 3.3x smaller (406 KB -> 122 KB)
+        and the int8 TFLite file 10x smaller (39 KB). --sweep=0.5,0.7,0.8,0.9,0.95
+        (~30 s) shows where pruning starts to cost: accuracy 0.991, 0.981,
+        0.973, 0.955, 0.856 for gzip ratios 1.7x, 2.5x, 3.3x, 5.2x, 7.8x (at
+        50% the pruned copy beats the baseline: its 4 fine-tuning epochs are
+        training too). For real digits, use --model=conv on MNIST: the benchmark
         (benchmarks/prune.py, pruning only the Dense kernel) gets test accuracy
         0.9783 -> 0.9792 at 80% sparsity (.h5 gzip 3.2x smaller) and 0.9724 at
         90% (4.9x); its int8 TFLite file is 9.7x smaller than the dense .h5 at

@@ -29,10 +29,12 @@ Size:   --image_size defaults to 64 so the default run on the generated shapes
         quiet, 8-9 s measured here with other jobs running.
 Expect: measured on a shared 2-core CPU, default shapes run at 64x64 with
         --weights=none --cache_features --fine_tune_epochs=1: base_epoch_s
-        about 10, head_epoch_s about 0.05 (cache_speedup about 200), phase 2
-        about 17 s per epoch, 40 s in all; accuracy stays near chance (0.1)
-        because the weights are random. What ImageNet weights reach on photos
-        was not measured here (no network to fetch them).
+        about 4.3, head_epoch_s about 0.05 (cache_speedup about 80), phase 2
+        about 5 s per epoch, 27 s in all. Accuracy stays near chance (0.10
+        after phase 1, 0.30 after one fine-tuning epoch) because the weights
+        are random, and the run says so after training: accuracy needs
+        pretrained weights. What ImageNet weights reach on photos was not
+        measured here (no network to fetch them).
 Metrics: val_accuracy_phase1/_phase2, best_val_accuracy (best.keras),
         base_epoch_s (seconds per training epoch through the frozen base; with
         --cache_features, from the timed extraction pass, which is the same
