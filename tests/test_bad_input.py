@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import main
-from conftest import write_idx_gz
+from helpers import write_idx_gz
 
 
 def make_folders(root):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_dropin
+from helpers import run_dropin
 
 import datasets
 from recipes import batch

@@ -7,7 +7,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
+from helpers import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
                       tensorboard_server)
 
 import main

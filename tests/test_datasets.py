@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_idx_gz, write_idx_set
+from helpers import write_idx_gz, write_idx_set
 
 import datasets
 from datasets import folder, idx, shapes

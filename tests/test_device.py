@@ -1,7 +1,7 @@
 """The `device` recipe: one subprocess per device, a cost verdict, one-line errors."""
 import pytest
 
-from conftest import ENV, error_lines, read_tensorboard_tags, run_cli, run_dropin
+from helpers import ENV, error_lines, read_tensorboard_tags, run_cli, run_dropin
 from recipes import device
 
 # The well-known comparison the recipe's reference job comes from.

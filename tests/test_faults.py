@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (ENV, REPO, error_lines, free_ports, only_run_dir, read_tensorboard_tags,
+from helpers import (ENV, REPO, error_lines, free_ports, only_run_dir, read_tensorboard_tags,
                       run_cli)
 
 import main

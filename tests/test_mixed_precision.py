@@ -6,7 +6,7 @@ import sys
 import keras
 import pytest
 
-from conftest import (ENV, REPO, block_tensorflow, error_lines, only_run_dir,
+from helpers import (ENV, REPO, block_tensorflow, error_lines, only_run_dir,
                       read_tensorboard_tags, run_cli, run_dropin, write_idx_set)
 from recipes import mixed_precision as mp
 

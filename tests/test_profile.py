@@ -8,10 +8,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import (error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin,
+from helpers import (error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin,
                       tensorboard_server)
 
-from recipes import tf_profile as profile  # noqa: E402  (conftest puts the repo on sys.path)
+from recipes import tf_profile as profile  # noqa: E402  (helpers puts the repo on sys.path)
 
 # 60 training images at batch 8: 7 steps an epoch, 14 in two epochs. The verdict's
 # threshold is set well apart from both the fast and the deliberately slow pipeline.

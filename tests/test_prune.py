@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
+from helpers import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
 from recipes import prune
 
 tf_keras = prune.tf_keras

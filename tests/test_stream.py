@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
+from helpers import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin
 
 SIZE = 32  # images are written at the size the tests train on: no resizing differences
 TINY = dict(epochs=1, batch_size=4, image_size=SIZE, warmup_steps=1, input_batches=3)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin, ENV
+from helpers import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin, ENV
 from recipes import transfer
 
 

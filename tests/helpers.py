@@ -1,0 +1,154 @@
+"""Shared test helpers: run the CLI in a subprocess, make tiny data, read TensorBoard.
+
+Tests import them (`from helpers import run_cli`); conftest.py holds only fixtures."""
+import contextlib
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Quiet TensorFlow's C++ logs in subprocesses; tests read stderr for one-line errors.
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args, cwd=REPO, timeout=300, env=None):
+    """`python main.py ARGS` -> CompletedProcess with text stdout/stderr."""
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env or ENV)
+
+
+def error_lines(stderr):
+    """stderr minus TensorFlow/absl start-up logging: what the user's error is."""
+    noise = ("WARNING: All log messages", "I0000", "W0000", "E0000")
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(noise)
+            and "rebuild TensorFlow with the appropriate compiler flags" not in line
+            and not line.startswith("To enable the following instructions")]
+
+
+def block_tensorflow(folder):
+    """A `tensorflow` package in folder that fails to import. With folder first on
+    PYTHONPATH, a run proves it needs no TensorFlow (as on a JAX-only machine)."""
+    (folder / "tensorflow").mkdir()
+    (folder / "tensorflow" / "__init__.py").write_text("raise ImportError('tensorflow blocked')")
+
+
+def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None, without_tensorflow=False):
+    """Copies one recipe file alone into an empty dir and runs `script` there.
+
+    The repository is not importable from there (cwd and PYTHONPATH point at
+    the empty dir only), so this proves the file is drop-in.
+    """
+    workdir = tmp_path / "dropin"
+    workdir.mkdir()
+    if without_tensorflow:
+        block_tensorflow(workdir)
+    shutil.copy(REPO / "recipes" / recipe_file, workdir / recipe_file)
+    run_env = {**(env or ENV), "PYTHONPATH": str(workdir)}
+    return subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True,
+                          text=True, timeout=timeout, env=run_env)
+
+
+def read_tensorboard_tags(event_dir):
+    """{tag: [values]} of scalar-like summaries in one TensorBoard run folder.
+
+    Keras 3 writes scalars as tensor summaries (`Tags()['tensors']`); tf.summary
+    scalars written by recipes land there too.
+    """
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(event_dir), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        values = [tf.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)]
+        if all(v.dtype.kind in "fiu" and v.size == 1 for v in values):  # not text summaries
+            out[tag] = [float(v) for v in values]
+    for tag in acc.Tags()["scalars"]:
+        out[tag] = [e.value for e in acc.Scalars(tag)]
+    return out
+
+
+def only_run_dir(logdir, recipe):
+    """The single run folder a test's CLI call created under logdir/recipe."""
+    runs = sorted((pathlib.Path(logdir) / recipe).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def write_idx_gz(path, magic, dims, payload):
+    """An idx file as MNIST publishes it: big-endian magic, dimensions, then bytes."""
+    header = struct.pack(">II", magic, dims[0]) + b"".join(struct.pack(">I", d) for d in dims[1:])
+    with gzip.open(path, "wb") as f:
+        f.write(header + payload)
+
+
+def write_idx_set(folder, n_train=6, n_test=4):
+    """A random MNIST-format set (train and t10k) in folder; returns {split: (images, labels)}."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx_gz(folder / f"{split}-images-idx3-ubyte.gz", 2051, images.shape, images.tobytes())
+        write_idx_gz(folder / f"{split}-labels-idx1-ubyte.gz", 2049, labels.shape, labels.tobytes())
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def free_ports(n=1):
+    """n distinct ports on 127.0.0.1 that nothing listens on now."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":  # the profile plugin gzips
+            body = gzip.decompress(body)
+        return json.loads(body)
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir):
+    """The real `tensorboard` on 127.0.0.1 at a free port; yields a `get(path)` that
+    waits up to 60 s for it to answer, and stops the server afterwards."""
+    port = free_ports()[0]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}",
+                               "--host=127.0.0.1", f"--port={port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+
+    def get(path):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return get_json(f"http://127.0.0.1:{port}{path}")
+            except OSError:  # not listening yet
+                assert server.poll() is None, "tensorboard exited early"
+                assert time.monotonic() < deadline, "tensorboard did not answer within 60 s"
+                time.sleep(0.5)
+
+    try:
+        yield get
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
