@@ -195,12 +195,11 @@ def main():
             models[name] = stream.build_model(SIZE, len(scan.class_names))
             models[name].compile(optimizer="adam", loss="sparse_categorical_crossentropy",
                                  steps_per_execution=args.steps_per_execution)
-        timer = stream.StepTimer(BATCH, n, steps)
+        timer, sizes = stream.StepTimer(), stream.CallSizes(BATCH, n, steps)
         models[name].fit(data, epochs=1, steps_per_epoch=steps_of(name), verbose=0,
-                         shuffle=False, callbacks=[timer])
-        epoch = timer.epochs[-1]
+                         shuffle=False, callbacks=[timer, sizes])
         warmup_calls = -(-FIT_WARMUP_STEPS // args.steps_per_execution)
-        return stream.rate([s for s, _ in epoch], [k for _, k in epoch], warmup_calls)
+        return stream.input_rate(timer.seconds, [k for _, k in sizes.epochs[-1]], warmup_calls)
 
     rows = {}  # (name, kind) -> [images/s per pass], peak RSS MB
     peak = {}

@@ -17,11 +17,18 @@ alone (iterating the data without training), training images/s inside `fit`,
 peak RSS and validation accuracy; --compare runs both, alternating, and
 reports the speedup.
 Before any training every file is checked once (in threads, JPEGs decoded
-at reduced scale): truncated or unreadable images, text files named .jpg and
-zero-byte files are skipped, counted and listed (skipped_files); hidden files
-(.DS_Store, macOS ._name.jpg) are ignored; grayscale, CMYK and RGBA images are
-converted to RGB by both loaders and used. --on_bad_image=fail stops instead,
-naming the first bad file. (Both stock loaders crash mid-epoch on such files.)
+at reduced scale; check() does it, and remembers the result while the folder
+is unchanged): any file both loaders cannot read alike is skipped, counted and
+listed with its reason (skipped_files): truncated or corrupt images, text
+files named .jpg, zero-byte files, GIF/WebP/TIFF data under an image name,
+the BMP and PNG variants tf.io.decode_image fails on or misreads (RLE, 1/4/16-
+bit and palette BMPs, PNGs with bad checksums, 16-bit gray PNGs), names that
+are not valid UTF-8, FIFOs and broken links. Hidden files (.DS_Store, macOS
+._name.jpg) are ignored; grayscale, CMYK and RGBA images are converted to RGB
+by both loaders and used; sub-folders of a class folder are read too.
+--on_bad_image=fail stops instead, naming the first bad file. (Both stock
+loaders crash mid-epoch on such files.) The `directory` dataset of the other
+recipes applies the same rule (datasets/folder.py).
 Run:    python main.py --recipe=stream --compare
         python main.py --recipe=stream --loader=tf_data --cache=memory --augment
         python main.py --recipe=stream --compare --data_dir=FOLDER   # any class-folder tree
@@ -57,25 +64,27 @@ augmentation needs scipy.
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import pathlib
 import shutil
+import struct
 import tempfile
 import threading
 import time
 import typing
+import zlib
 
 import keras
 import numpy as np
 import psutil
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tf_keras.preprocessing.image import ImageDataGenerator
 
 # What main.py feeds this recipe: a class-folder tree of 150x150 RGB JPEGs.
 DATA = {"form": "directory", "image_size": 150, "channels": 3, "examples": (1000, 200)}
-DEFAULT_DATASET = "shapes"
 HEADLINE = ("generator_input_images_per_sec", "tf_data_input_images_per_sec",
             "generator_train_images_per_sec", "tf_data_train_images_per_sec", "speedup",
             "generator_val_accuracy", "tf_data_val_accuracy", "skipped_files", "wall_time_s")
@@ -135,128 +144,6 @@ class Config:
             raise ValueError("--cache must be none, memory or a folder path")
 
 
-# --- finding the images, and the bad ones, before training ----------------------------
-
-@dataclasses.dataclass
-class Scan:
-    """Usable image files of one class-folder tree, and what was left out."""
-    paths: list  # str paths of readable images
-    labels: list  # int class index of each path
-    class_names: list  # sorted class folder names: index i is class i in both loaders
-    skipped: list  # (path, reason) of image files that cannot be read
-    hidden: int  # hidden files and folders ignored (.DS_Store, ._name.jpg, .git)
-
-
-def check_image(path, image_size=150):
-    """None when both loaders can read `path`, else why not (one line).
-
-    Decodes the whole file (a truncated JPEG only fails at the end), at reduced
-    scale for JPEGs (`draft`), which is several times cheaper than a full decode.
-    """
-    try:
-        with Image.open(path) as image:
-            if image.format not in FORMATS:
-                return f"{image.format} data, not {'/'.join(FORMATS)}"
-            if image.format == "JPEG":
-                image.draft("RGB", (image_size, image_size))
-            image.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
-    return None
-
-
-def class_names_of(root):
-    """Visible sub-folders of root, sorted: the class names, as both stock loaders order them."""
-    return sorted(p.name for p in pathlib.Path(root).iterdir()
-                  if p.is_dir() and not p.name.startswith("."))
-
-
-def scan_folder(root, image_size=150, class_names=None, threads=None):
-    """Lists and checks every image file under root/<class>/ (sub-folders included)."""
-    root = pathlib.Path(root)
-    class_names = list(class_names) if class_names is not None else class_names_of(root)
-    candidates, hidden = [], 0
-    for label, name in enumerate(class_names):
-        folder = root / name
-        for dirpath, dirnames, filenames in os.walk(folder):
-            hidden += sum(d.startswith(".") for d in dirnames)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.startswith("."):
-                    hidden += 1
-                elif filename.lower().endswith(EXTENSIONS):
-                    candidates.append((os.path.join(dirpath, filename), label))
-    threads = threads or min(16, 2 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        problems = list(pool.map(lambda c: check_image(c[0], image_size), candidates))
-    scan = Scan([], [], class_names, [], hidden)
-    for (path, label), problem in zip(candidates, problems):
-        if problem is None:
-            scan.paths.append(path)
-            scan.labels.append(label)
-        else:
-            scan.skipped.append((path, problem))
-    return scan
-
-
-def split_scan(scan, fraction, seed):
-    """(train, validation) Scans: a seeded random `fraction` of the images is held out."""
-    order = np.random.default_rng(seed).permutation(len(scan.paths))
-    n_val = max(1, int(round(len(order) * fraction)))
-
-    def part(indices):
-        indices = sorted(indices)
-        return Scan([scan.paths[i] for i in indices], [scan.labels[i] for i in indices],
-                    scan.class_names, [], 0)
-
-    return part(order[n_val:]), part(order[:n_val])
-
-
-def find_images(train_dir, val_dir, config):
-    """(train Scan, validation Scan, skipped, hidden); ValueError (one line) for unusable data."""
-    train_dir = pathlib.Path(train_dir)
-    if not train_dir.is_dir():
-        raise ValueError(f"--data_dir: {train_dir} does not exist or is not a folder")
-    class_names = class_names_of(train_dir)
-    if len(class_names) < 2:
-        raise ValueError(f"--data_dir: {train_dir} has {len(class_names)} class folder(s) "
-                         f"({', '.join(class_names) or 'none'}); classification needs at least "
-                         "two (root/<class>/<images>)")
-    train = scan_folder(train_dir, config.image_size, class_names)
-    skipped, hidden = list(train.skipped), train.hidden
-    if val_dir is not None:
-        val = scan_folder(val_dir, config.image_size, class_names)
-        skipped += val.skipped
-        hidden += val.hidden
-    if skipped and config.on_bad_image == "fail":
-        path, reason = skipped[0]
-        raise ValueError(f"unreadable image {path} ({reason}); fix or remove it, or use "
-                         f"--on_bad_image=skip ({len(skipped)} bad file(s) in all)")
-    counts = np.bincount(np.asarray(train.labels, dtype=np.int64), minlength=len(class_names))
-    empty = [name for name, count in zip(class_names, counts) if count == 0]
-    if empty:
-        raise ValueError(f"--data_dir: class folder {train_dir / empty[0]} has no readable images "
-                         f"({', '.join(EXTENSIONS)}); add images or remove the folder")
-    if val_dir is None:
-        train, val = split_scan(train, config.validation_fraction, config.seed)
-    if not val.paths:
-        raise ValueError(f"--data_dir: validation folder {val_dir} has no readable images")
-    return train, val, skipped, hidden
-
-
-def describe_skipped(skipped, hidden, limit=5):
-    """What was left out, for the user: one line per shown file."""
-    lines = []
-    if skipped:
-        lines.append(f"skipped {len(skipped)} unreadable image file(s):")
-        lines += [f"  {path}: {reason}" for path, reason in skipped[:limit]]
-        if len(skipped) > limit:
-            lines.append(f"  ... and {len(skipped) - limit} more (all in metrics.json)")
-    if hidden:
-        lines.append(f"ignored {hidden} hidden file(s)/folder(s) (names starting with '.')")
-    return "\n".join(lines)
-
-
 # --- the classic loader: ImageDataGenerator.flow_from_directory ---------------------
 
 class SequenceDataset(keras.utils.PyDataset):
@@ -289,7 +176,8 @@ def link_tree(scan, dest):
     for name in scan.class_names:
         (dest / name).mkdir(parents=True, exist_ok=True)
     for i, (path, label) in enumerate(zip(scan.paths, scan.labels)):
-        target = dest / scan.class_names[label] / f"{i:07d}_{os.path.basename(path)}"
+        # Named by index alone: the file's own name could push the link past 255 bytes.
+        target = dest / scan.class_names[label] / f"{i:07d}{os.path.splitext(path)[1].lower()}"
         try:
             os.symlink(os.path.abspath(path), target)
         except OSError:
@@ -446,6 +334,268 @@ def fill_cache(cached):
     return count / max(time.perf_counter() - start, 1e-9)
 
 
+# --- finding the images, and the bad ones, before training ----------------------------
+# datasets/folder.py holds the same rule for the command line's arrays (a drop-in
+# file imports nothing from there): a file either reads alike in both loaders, or is
+# skipped and listed with its reason; no file may crash a loader or drop a batch.
+
+@dataclasses.dataclass
+class Scan:
+    """Usable image files of one class-folder tree, and what was left out."""
+    paths: list  # str paths of readable images
+    labels: list  # int class index of each path
+    class_names: list  # sorted class folder names: index i is class i in both loaders
+    skipped: list  # (path, reason) of image files that cannot be read; printable paths
+    hidden: int  # hidden files and folders ignored (.DS_Store, ._name.jpg, .git)
+
+
+def printable(text):
+    """text on one printable line: bytes that are not UTF-8 and control characters escaped.
+
+    A file name may hold either; print(), a one-line error and JSON must not choke on it.
+    """
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def file_problem(path):
+    """Why `path` is not a file both loaders can open (or None), before reading it."""
+    if not os.path.isfile(path):  # a FIFO named x.jpg would block its reader forever
+        return "broken symbolic link" if os.path.islink(path) else "not a regular file"
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return "file name is not valid UTF-8, which tf.data cannot take: rename the file"
+    return None
+
+
+def png_problem(data, mode):
+    """Why tf.io.decode_image would fail on, or misread, a PNG that Pillow reads (or None).
+
+    Pillow does not check the IDAT and IEND checksums and needs no IEND chunk;
+    libpng rejects such a file. A 16-bit grayscale PNG Pillow clips to white,
+    where tf.io.decode_image scales it to 8 bits.
+    """
+    if mode.startswith(("I", "F")):  # I;16: Pillow's 16-bit grey
+        return ("16-bit grayscale PNG: Pillow (ImageDataGenerator) clips it to white; "
+                "save it as 8-bit")
+    position = 8
+    while position + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        end = position + 12 + length
+        if end > len(data) or zlib.crc32(data[position + 4:end - 4]) != int.from_bytes(
+                data[end - 4:end], "big"):
+            return f"PNG chunk {kind.decode('latin-1')} is truncated or corrupt (bad checksum)"
+        if kind == b"IEND":
+            return None
+        position = end
+    return "PNG file ends before its IEND chunk (truncated)"
+
+
+def bmp_problem(data, mode):
+    """Why tf.io.decode_image would fail on, or misread, a BMP that Pillow reads (or None).
+
+    TensorFlow reads only the bits per pixel from the header: it fails on 1-, 4-
+    and 16-bit, RLE-compressed and OS/2 files, reads an 8-bit file's palette
+    indices as grey levels, and 32-bit bit fields as BGRA whatever the masks say.
+    """
+    header_size, = struct.unpack_from("<I", data, 14)
+    bits, compression = struct.unpack_from("<HI", data, 28)
+    if header_size < 40:
+        return "OS/2 BMP: tf.io.decode_image cannot read it"
+    if (bits, compression) in ((24, 0), (32, 0)) or ((bits, compression) == (8, 0) and mode == "L"):
+        return None
+    if (bits, compression) == (32, 3) and struct.unpack_from("<III", data, 54) == (
+            0xFF0000, 0xFF00, 0xFF):
+        return None
+    if (bits, compression) == (8, 0):
+        return "8-bit BMP with a colour palette: tf.io.decode_image reads its indices as grey"
+    packing = {0: "", 1: ", RLE8-compressed", 2: ", RLE4-compressed", 3: ", bit fields"}
+    return (f"{bits}-bit BMP{packing.get(compression, f', compression {compression}')}: "
+            "tf.io.decode_image cannot read it")
+
+
+def format_problem(image, data):
+    """Why an image Pillow opened is not one both loaders read alike (or None)."""
+    # MPO is a camera's JPEG with more frames after the first; both loaders read the first.
+    image_format = "JPEG" if image.format == "MPO" else image.format
+    if image_format not in FORMATS:
+        return f"{image.format} data, not {'/'.join(FORMATS)}"
+    if image_format == "PNG":
+        return png_problem(data, image.mode)
+    if image_format == "BMP":
+        return bmp_problem(data, image.mode)
+    return None
+
+
+def check_image(path, image_size=150):
+    """None when both loaders read `path` alike, else why not (one printable line).
+
+    Decodes the whole file (a truncated JPEG only fails at the end), at reduced
+    scale for JPEGs (`draft`), which is several times cheaper than a full decode.
+    Any exception is a reason to skip the file, never a crash.
+    """
+    try:
+        problem = file_problem(path)
+        if problem is None:
+            with open(path, "rb") as f:
+                problem = decode_problem(f.read(), image_size)
+    except UnidentifiedImageError:
+        problem = "not an image file Pillow can identify"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        message = str(e).strip()
+        problem = f"{type(e).__name__}: {message.splitlines()[0] if message else 'unreadable'}"
+    return None if problem is None else printable(problem)
+
+
+def decode_problem(data, image_size):
+    """format_problem() of a file's bytes, then a full decode (which raises if it fails)."""
+    if not data:
+        return "empty file (0 bytes)"
+    with Image.open(io.BytesIO(data)) as image:
+        problem = format_problem(image, data)
+        if problem is None:
+            if image.format in ("JPEG", "MPO"):
+                image.draft("RGB", (image_size, image_size))
+            image.load()
+    return problem
+
+
+def class_names_of(root):
+    """Visible sub-folders of root, sorted: the class names, as both stock loaders order them."""
+    return sorted(p.name for p in pathlib.Path(root).iterdir()
+                  if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_folder(root, image_size=150, class_names=None, threads=None):
+    """Lists and checks every image file under root/<class>/ (sub-folders included)."""
+    root = pathlib.Path(root)
+    class_names = list(class_names) if class_names is not None else class_names_of(root)
+    candidates, hidden = [], 0
+    for label, name in enumerate(class_names):
+        folder = root / name
+        for dirpath, dirnames, filenames in os.walk(folder):
+            hidden += sum(d.startswith(".") for d in dirnames)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                if filename.startswith("."):
+                    hidden += 1
+                elif filename.lower().endswith(EXTENSIONS):
+                    candidates.append((os.path.join(dirpath, filename), label))
+    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        problems = list(pool.map(lambda c: check_image(c[0], image_size), candidates))
+    scan = Scan([], [], class_names, [], hidden)
+    for (path, label), problem in zip(candidates, problems):
+        if problem is None:
+            scan.paths.append(path)
+            scan.labels.append(label)
+        else:
+            scan.skipped.append((printable(path), problem))
+    return scan
+
+
+def split_scan(scan, fraction, seed):
+    """(train, validation) Scans: a seeded random `fraction` of the images is held out."""
+    order = np.random.default_rng(seed).permutation(len(scan.paths))
+    n_val = max(1, int(round(len(order) * fraction)))
+
+    def part(indices):
+        indices = sorted(indices)
+        return Scan([scan.paths[i] for i in indices], [scan.labels[i] for i in indices],
+                    scan.class_names, [], 0)
+
+    return part(order[n_val:]), part(order[:n_val])
+
+
+def find_images(train_dir, val_dir, config):
+    """(train Scan, validation Scan, skipped, hidden); ValueError (one line) for unusable data."""
+    train_dir = pathlib.Path(train_dir)
+    if not train_dir.is_dir():
+        raise ValueError(f"--data_dir: {printable(train_dir)} does not exist or is not a folder")
+    class_names = class_names_of(train_dir)
+    if len(class_names) < 2:
+        raise ValueError(f"--data_dir: {printable(train_dir)} has {len(class_names)} class "
+                         f"folder(s) ({printable(', '.join(class_names)) or 'none'}); "
+                         "classification needs at least two (root/<class>/<images>)")
+    train = scan_folder(train_dir, config.image_size, class_names)
+    skipped, hidden = list(train.skipped), train.hidden
+    if val_dir is not None:
+        val = scan_folder(val_dir, config.image_size, class_names)
+        skipped += val.skipped
+        hidden += val.hidden
+    if skipped and config.on_bad_image == "fail":
+        path, reason = skipped[0]
+        raise ValueError(f"unreadable image {path} ({reason}); fix or remove it, or use "
+                         f"--on_bad_image=skip ({len(skipped)} bad file(s) in all)")
+    counts = np.bincount(np.asarray(train.labels, dtype=np.int64), minlength=len(class_names))
+    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    if empty:
+        raise ValueError(f"--data_dir: class folder {printable(train_dir / empty[0])} has no "
+                         f"readable images ({', '.join(EXTENSIONS)}); add images or remove "
+                         "the folder")
+    if val_dir is None:
+        train, val = split_scan(train, config.validation_fraction, config.seed)
+    if not val.paths:
+        raise ValueError(f"--data_dir: validation folder {printable(val_dir)} has no "
+                         "readable images")
+    return train, val, skipped, hidden
+
+
+def tree_state(folder):
+    """(path, size, mtime) of everything under folder: changes when any file does."""
+    state = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in [""] + sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                stat = os.stat(path)
+                state.append((path, stat.st_size, stat.st_mtime_ns))
+            except OSError:  # a broken symbolic link
+                state.append((path, None, None))
+    return tuple(state)
+
+
+_remembered = {}  # check()'s last result, under its folders, settings and folder state
+
+
+def check(config, data):
+    """What run() needs checked before any training: find_images() on data, remembered.
+
+    data is (train_dir, val_dir or None). Raises ValueError (one line) for unusable
+    data: a missing folder, fewer than two classes, an empty class, a bad file with
+    --on_bad_image=fail. The command line calls it before it makes the run folder,
+    and run() calls it again: while the folders, every file in them and the
+    settings that matter are unchanged, the second call returns the first one's
+    result instead of reading every file again. Returns (train Scan, validation
+    Scan, skipped, hidden), shared between such calls: do not change them.
+    """
+    train_dir, val_dir = (None if d is None else os.fspath(d) for d in data)
+    key = (train_dir, val_dir, config.image_size, config.on_bad_image,
+           config.validation_fraction, config.seed,
+           [tree_state(d) if d is not None and os.path.isdir(d) else None
+            for d in (train_dir, val_dir)])
+    if _remembered.get("key") != key:
+        _remembered.clear()  # a failed check leaves nothing behind
+        result = find_images(train_dir, val_dir, config)
+        _remembered.update(key=key, result=result)
+    return _remembered["result"]
+
+
+def describe_skipped(skipped, hidden, limit=5):
+    """What was left out, for the user: one line per shown file."""
+    lines = []
+    if skipped:
+        lines.append(f"skipped {len(skipped)} unreadable image file(s):")
+        lines += [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+        if len(skipped) > limit:
+            lines.append(f"  ... and {len(skipped) - limit} more (all in metrics.json)")
+    if hidden:
+        lines.append(f"ignored {hidden} hidden file(s)/folder(s) (names starting with '.')")
+    return "\n".join(lines)
+
+
 # --- measuring ------------------------------------------------------------------------
 
 class PeakRSS:
@@ -473,11 +623,11 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def rate(batch_seconds, batch_images, warmup):
-    """images/s over the batches after `warmup` (all but the first when too few)."""
-    skip = warmup if len(batch_seconds) > warmup else min(1, len(batch_seconds) - 1)
-    seconds, images = sum(batch_seconds[skip:]), sum(batch_images[skip:])
-    return images / max(seconds, 1e-9)
+def input_rate(batch_seconds, batch_images, warmup):
+    """images/s over the batches after the kit's warm-up: all images over all their time,
+    not a median, because a loader's stalls are what this measures."""
+    seconds, images = steady(batch_seconds, warmup), steady(batch_images, warmup)
+    return sum(images) / max(sum(seconds), 1e-9)
 
 
 def time_generator(dataset, batches, workers, warmup):
@@ -491,7 +641,7 @@ def time_generator(dataset, batches, workers, warmup):
             images.append(len(batch[0]))
             start = now
     dataset.on_epoch_end()
-    return rate(seconds, images, warmup)
+    return input_rate(seconds, images, warmup)
 
 
 def time_dataset(dataset, batches, warmup):
@@ -505,13 +655,14 @@ def time_dataset(dataset, batches, warmup):
         seconds.append(now - start)
         images.append(int(batch[0].shape[0]))
         start = now
-    return rate(seconds, images, warmup)
+    return input_rate(seconds, images, warmup)
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Seconds and images per training call, as seen from fit (data fetch included).
+class CallSizes(keras.callbacks.Callback):
+    """Steps and images of each training call, per epoch, beside the kit's StepTimer.
 
-    With steps_per_execution > 1 one call runs several steps; it is timed as one.
+    With steps_per_execution > 1 one call runs several steps, and an epoch's last
+    batch holds the remainder, so neither is a constant.
     """
 
     def __init__(self, batch_size, n_images, steps):
@@ -524,11 +675,10 @@ class StepTimer(keras.callbacks.Callback):
         self.epochs.append([])
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._begin, self._start = batch, time.perf_counter()
+        self._begin = batch
 
     def on_train_batch_end(self, batch, logs=None):
-        images = sum(self._sizes[self._begin:batch + 1])
-        self.epochs[-1].append((time.perf_counter() - self._start, images))
+        self.epochs[-1].append((batch + 1 - self._begin, sum(self._sizes[self._begin:batch + 1])))
 
 
 def build_model(image_size, num_classes):
@@ -596,31 +746,33 @@ def fit_loader(name, loader, model, config, steps, n_train, n_val, log_dir):
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   steps_per_execution=config.steps_per_execution)
-    timer = StepTimer(config.batch_size, n_train, steps)
+    timer, sizes = StepTimer(), CallSizes(config.batch_size, n_train, steps)
     start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
                         steps_per_epoch=steps,
                         validation_steps=math.ceil(n_val / config.batch_size),
                         shuffle=False, verbose=2,  # both loaders shuffle themselves
-                        callbacks=[timer, keras.callbacks.TerminateOnNaN(),
+                        callbacks=[timer, sizes, keras.callbacks.TerminateOnNaN(),
                                    keras.callbacks.TensorBoard(log_dir=log_dir)])
     wall = time.perf_counter() - start
     loss = history.history["loss"][-1]
     if not np.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} with --loader={name}; "
                                  "lower --learning_rate")
-    flat = [step for epoch in timer.epochs for step in epoch]
-    steady = flat[config.warmup_steps:] if len(flat) > config.warmup_steps else flat[1:] or flat
-    step_ms = 1000 * np.array([s for s, _ in steady])
-    out = {"train_images_per_sec": sum(n for _, n in steady) / max(sum(s for s, _ in steady), 1e-9),
-           "step_time_ms_p50": float(np.percentile(step_ms, 50)),
-           "step_time_ms_p90": float(np.percentile(step_ms, 90)),
+    calls = [call for epoch in sizes.epochs for call in epoch]
+    per_step = [seconds / n_steps for seconds, (n_steps, _) in zip(timer.seconds, calls)]
+    rates = throughput(per_step, config.batch_size, config.warmup_steps)
+    out = {"train_images_per_sec": rates["examples_per_sec"],
+           "step_time_ms_p50": rates["step_time_ms_p50"],
+           "step_time_ms_p90": rates["step_time_ms_p90"],
            "val_accuracy": float(history.history["val_accuracy"][-1]),
            "val_loss": float(history.history["val_loss"][-1]),
            "train_wall_time_s": wall}
-    for i, epoch in enumerate(timer.epochs, 1):
-        out[f"epoch{i}_images_per_sec"] = (sum(n for _, n in epoch)
-                                           / max(sum(s for s, _ in epoch), 1e-9))
+    first = 0
+    for i, epoch in enumerate(sizes.epochs, 1):  # whole epochs, stalls included
+        seconds = timer.seconds[first:first + len(epoch)]
+        first += len(epoch)
+        out[f"epoch{i}_images_per_sec"] = sum(n for _, n in epoch) / max(sum(seconds), 1e-9)
     return out
 
 
@@ -646,8 +798,7 @@ def format_table(results):
 def run(config, run_dir, data):
     """Checks the folder, measures each loader's input and training; returns flat metrics."""
     start = time.perf_counter()
-    train_dir, val_dir = data
-    train, val, skipped, hidden = find_images(train_dir, val_dir, config)
+    train, val, skipped, hidden = check(config, data)
     report = describe_skipped(skipped, hidden)
     if report:
         print(report)
@@ -693,3 +844,64 @@ def run(config, run_dir, data):
         skipped_file_paths=[f"{path}: {reason}" for path, reason in skipped[:20]],
         hidden_files=hidden, wall_time_s=time.perf_counter() - start)
     return metrics
+
+
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------
