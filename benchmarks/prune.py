@@ -28,7 +28,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -38,7 +39,7 @@ from recipes import prune  # noqa: E402
 
 tf_keras, sparsity = prune.tf_keras, prune.sparsity
 BATCH, BASELINE_BATCH, BASELINE_EPOCHS, FINETUNE_EPOCHS, N_TRAIN = 128, 32, 4, 2, 54000
-DEFAULT_DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
 TARGETS = {0.8: (0.3, 3.0), 0.9: (1.0, 4.5)}  # sparsity: (max accuracy drop in points, min gzip x)
 TFLITE_TARGET = 12.0
 

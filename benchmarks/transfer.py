@@ -39,7 +39,7 @@ def parse_args():
 def timed_epoch(model, dataset):
     """Wall seconds of one training epoch (no validation) and its per-step seconds."""
     from recipes.transfer import StepTimer
-    timer = StepTimer("epoch", total_steps=0, warmup_steps=0)
+    timer = StepTimer()
     start = time.perf_counter()
     model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
     return time.perf_counter() - start, timer.seconds
@@ -91,7 +91,7 @@ def main():
         print(f"{'head on ' + name:<24} {p50:>11.3f} {max(seconds):>11.3f} "
               f"{1000 * np.percentile(steps_s[name], 50):>11.1f} "
               f"{1000 * np.percentile(steps_s[name], 90):>11.1f} {steps * batch / p50:>9.1f}")
-    steady = extract_seconds[1:] or extract_seconds
+    steady = transfer.steady(extract_seconds, warmup=1)
     print(f"{'caching pass (once)':<24} {extract_s:>11.3f} {'':>11} "
           f"{1000 * np.percentile(steady, 50):>11.1f} {1000 * np.percentile(steady, 90):>11.1f} "
           f"{len(x) / extract_s:>9.1f}")

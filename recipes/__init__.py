@@ -1,7 +1,46 @@
-"""The recipe registry: name -> (module, one-line summary).
+"""The recipe registry (name -> module, one-line summary) and the recipe contract.
 
 Kept free of heavy imports so `python main.py --help` lists the recipes
 without loading TensorFlow; main.py imports only the chosen module.
+
+The contract between main.py (through cli/) and a recipe module
+-----------------------------------------------------------------
+Each recipe is one file that stands alone (drop-in: it imports only public
+libraries, never cli/, datasets/ or main.py). It offers:
+
+Config        a dataclass of the recipe's knobs. Each field becomes a flag of
+              the same name, typed by its annotation, with the field's trailing
+              comment as its help (cli/flags.py). `__post_init__` raises
+              ValueError for values it rejects.
+DATA          what the recipe trains on: {"form": "arrays" | "directory",
+              "image_size", "channels", "examples": (n_train, n_val)} (see
+              datasets/__init__.py); Config.image_size/.channels override it.
+DEFAULT_DATASET  optional, only where the default is not the generated `shapes`.
+HEADLINE      the metric names printed at the end of a run.
+RESUMABLE     optional, True when run() continues a killed run found in its
+              run folder (per-epoch checkpoints): --resume is accepted.
+TAKES_STRATEGY  optional, True when run() takes `strategy=` (a tf.distribute
+              strategy); other recipes accept only --strategy=auto/default.
+check(config, data)  optional: raises ValueError, one line, for data (or
+              weights, or settings that depend on the data) the recipe cannot
+              run on. main.py calls it before it makes the run folder; run()
+              calls it too, so a drop-in caller gets the same errors.
+run(config, run_dir, data, ...) -> dict   trains and measures; returns flat
+              metrics (lower_snake names, units in the name) for metrics.json.
+              It writes TensorBoard logs and artifacts under run_dir.
+
+What each exception means for the exit code (main.py)
+    ValueError before run() (from Config, the data, check(), the flags)
+                  bad input: `error: <message>` on one line, exit 2, and no run
+                  folder is left behind.
+    anything raised by run()
+                  training had started: the run folder is kept with all it
+                  holds, one line names it, exit 1. ArithmeticError
+                  (FloatingPointError) is a NaN/Inf guard that fired and prints
+                  its own message; an out-of-memory error advises a smaller
+                  batch; any other error prints its type and first line and
+                  leaves the traceback in the folder's error.txt.
+    Ctrl-C        the folder is marked INTERRUPTED, exit 130.
 """
 RECIPES = {
     "batch": ("recipes.batch",

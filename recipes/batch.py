@@ -42,8 +42,8 @@ import tensorflow as tf
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
-DEFAULT_DATASET = "shapes"
 RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed sweep
+TAKES_STRATEGY = True  # run() takes strategy=: tf.distribute scales the sweep out
 HEADLINE = ("best_batch_size", "best_examples_per_sec", "best_val_accuracy",
             "throughput_ratio_largest_vs_smallest", "wall_time_s")
 
@@ -69,6 +69,8 @@ class Config:
         if self.learning_rate <= 0 or not 0 <= self.accuracy_tolerance <= 1:
             raise ValueError("--learning_rate must be > 0 and --accuracy_tolerance in [0, 1]")
 
+
+# --- the sweep ---------------------------------------------------------------------------
 
 def build_model(input_shape, num_classes):
     """Flatten -> Dense(128, relu) -> Dense(1, sigmoid) for two classes, else Dense(classes)."""
@@ -102,138 +104,10 @@ def make_dataset(x, y, batch_size, seed, shuffle=True, repeat=False):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Seconds per training step, as seen from fit (data fetch included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def throughput(step_seconds, batch_size, warmup_steps):
-    """examples/s and step-time percentiles, skipping warm-up steps when enough remain."""
-    steady = step_seconds[warmup_steps:] if len(step_seconds) > warmup_steps else step_seconds[1:]
-    steady = np.asarray(steady or step_seconds)
-    return {"examples_per_sec": batch_size * len(steady) / steady.sum(),
-            "step_time_ms_p50": 1000 * float(np.percentile(steady, 50)),
-            "step_time_ms_p90": 1000 * float(np.percentile(steady, 90))}
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Model and optimizer saved after each epoch but the last, atomically.
-
-    Each save goes to a temporary name and is renamed to epoch_NNNN.keras, so a
-    kill mid-save leaves the previous checkpoint whole. (Keras' BackupAndRestore
-    writes in place.) The last epoch needs none: the sweep records its result.
-    """
-
-    def __init__(self, folder, epochs):
-        super().__init__()
-        self.folder, self.epochs = folder, epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.epochs:
-            return
-        os.makedirs(self.folder, exist_ok=True)
-        final = os.path.join(self.folder, f"epoch_{epoch + 1:04d}.keras")
-        partial = os.path.join(self.folder, f".partial_epoch_{epoch + 1:04d}.keras")
-        try:
-            self.model.save(partial)
-            os.replace(partial, final)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
-            os.remove(older)
-
-
-def latest_checkpoint(folder):
-    """(path, epochs done) of the newest whole checkpoint, or (None, 0)."""
-    found = sorted(glob.glob(os.path.join(folder, "epoch_*.keras")))
-    if not found:
-        return None, 0
-    return found[-1], int(os.path.basename(found[-1])[len("epoch_"):-len(".keras")])
-
-
-def write_json_atomically(path, payload):
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        json.dump(payload, f)
-    os.replace(partial, path)
-
-
 def check_finite(loss, batch_size, learning_rate):
     if not np.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} at batch size {batch_size} "
                                  f"(learning rate {learning_rate:g}); lower --learning_rate")
-
-
-def fit_distributed(model, optimizer, loss, train_ds, val_ds, epochs, strategy, log_dir):
-    """What fit does, as a custom loop over strategy.run, for MultiWorkerMirroredStrategy.
-
-    Keras 3's fit fails under MultiWorkerMirroredStrategy ("Attempt to convert
-    a value (PerReplica...)", keras-team/keras#20585), while the same Keras
-    model, optimizer and loss run fine in a tf.function step under
-    strategy.run. Returns (history dict, seconds per training step) and logs
-    epoch_loss/epoch_accuracy like keras.callbacks.TensorBoard does.
-    """
-    global_batch = int(next(iter(train_ds))[0].shape[0])
-    binary = model.output_shape[-1] == 1
-
-    def loss_and_correct(x, y, training):
-        pred = model(x, training=training)
-        y_true = tf.cast(tf.expand_dims(y, -1), pred.dtype) if binary else y
-        per_example = loss.call(y_true, pred)
-        label = tf.cast(pred[:, 0] > 0.5, tf.int64) if binary else tf.argmax(pred, -1)
-        correct = tf.reduce_sum(tf.cast(label == tf.cast(y, tf.int64), tf.float32))
-        return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch), correct
-
-    def train_replica(x, y):
-        with tf.GradientTape() as tape:
-            step_loss, correct = loss_and_correct(x, y, True)
-        grads = tape.gradient(step_loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return step_loss, correct
-
-    def reduced(fn, x, y):
-        step_loss, correct = strategy.run(fn, args=(x, y))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, step_loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
-
-    train_step = tf.function(lambda x, y: reduced(train_replica, x, y))
-    val_step = tf.function(lambda x, y: reduced(lambda a, b: loss_and_correct(a, b, False), x, y))
-    writers = {split: tf.summary.create_file_writer(os.path.join(log_dir, split))
-               for split in ("train", "validation")}
-    history, seconds = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}, []
-    for epoch in range(epochs):
-        for prefix, ds, step in (("", train_ds, train_step), ("val_", val_ds, val_step)):
-            losses, correct, seen = [], 0.0, 0
-            for x, y in strategy.experimental_distribute_dataset(ds):
-                start = time.perf_counter()
-                step_loss, step_correct = step(x, y)
-                losses.append(float(step_loss))
-                if not prefix:
-                    seconds.append(time.perf_counter() - start)
-                correct, seen = correct + float(step_correct), seen + global_batch
-            history[prefix + "loss"].append(float(np.mean(losses)))
-            history[prefix + "accuracy"].append(correct / seen)
-            with writers["validation" if prefix else "train"].as_default():
-                tf.summary.scalar("epoch_loss", history[prefix + "loss"][-1], step=epoch)
-                tf.summary.scalar("epoch_accuracy", history[prefix + "accuracy"][-1], step=epoch)
-        print(f"Epoch {epoch + 1}/{epochs} - loss: {history['loss'][-1]:.4f} - accuracy: "
-              f"{history['accuracy'][-1]:.4f} - val_loss: {history['val_loss'][-1]:.4f} - "
-              f"val_accuracy: {history['val_accuracy'][-1]:.4f}", flush=True)
-        if not np.isfinite(history["loss"][-1]):
-            break
-    for writer in writers.values():
-        writer.close()
-    return history, seconds
 
 
 def train_at_batch_size(initial_weights, input_shape, num_classes, data, batch_size,
@@ -341,7 +215,7 @@ def run(config, run_dir, data, strategy=None):
             initial_weights, x_train.shape[1:], num_classes, data, batch_size, lr, config,
             run_dir, strategy)
         os.makedirs(os.path.dirname(result_file), exist_ok=True)
-        write_json_atomically(result_file, results[batch_size])
+        write_atomically(result_file, lambda partial: save_json(partial, results[batch_size]))
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # the sweep is done
     best = pick_best(results, config.accuracy_tolerance)
     log_sweep(os.path.join(run_dir, "sweep"), results)
@@ -357,3 +231,164 @@ def run(config, run_dir, data, strategy=None):
                                               / results[smallest]["examples_per_sec"]),
         wall_time_s=time.perf_counter() - start)
     return metrics
+
+
+# --- scaling out and resuming: per-epoch checkpoints, the multi-worker loop ----------
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Model and optimizer saved after each epoch but the last, atomically.
+
+    Each save goes to a temporary name and is renamed to epoch_NNNN.keras, so a
+    kill mid-save leaves the previous checkpoint whole. (Keras' BackupAndRestore
+    writes in place.) The last epoch needs none: the sweep records its result.
+    """
+
+    def __init__(self, folder, epochs):
+        super().__init__()
+        self.folder, self.epochs = folder, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        write_atomically(os.path.join(self.folder, f"epoch_{epoch + 1:04d}.keras"),
+                         self.model.save)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+
+
+def latest_checkpoint(folder):
+    """(path, epochs done) of the newest whole checkpoint, or (None, 0)."""
+    found = sorted(glob.glob(os.path.join(folder, "epoch_*.keras")))
+    if not found:
+        return None, 0
+    return found[-1], int(os.path.basename(found[-1])[len("epoch_"):-len(".keras")])
+
+
+def fit_distributed(model, optimizer, loss, train_ds, val_ds, epochs, strategy, log_dir):
+    """What fit does, as a custom loop over strategy.run, for MultiWorkerMirroredStrategy.
+
+    Keras 3's fit fails under MultiWorkerMirroredStrategy ("Attempt to convert
+    a value (PerReplica...)", keras-team/keras#20585), while the same Keras
+    model, optimizer and loss run fine in a tf.function step under
+    strategy.run. Returns (history dict, seconds per training step) and logs
+    epoch_loss/epoch_accuracy like keras.callbacks.TensorBoard does.
+    """
+    global_batch = int(next(iter(train_ds))[0].shape[0])
+    binary = model.output_shape[-1] == 1
+
+    def loss_and_correct(x, y, training):
+        pred = model(x, training=training)
+        y_true = tf.cast(tf.expand_dims(y, -1), pred.dtype) if binary else y
+        per_example = loss.call(y_true, pred)
+        label = tf.cast(pred[:, 0] > 0.5, tf.int64) if binary else tf.argmax(pred, -1)
+        correct = tf.reduce_sum(tf.cast(label == tf.cast(y, tf.int64), tf.float32))
+        return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch), correct
+
+    def train_replica(x, y):
+        with tf.GradientTape() as tape:
+            step_loss, correct = loss_and_correct(x, y, True)
+        grads = tape.gradient(step_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return step_loss, correct
+
+    def reduced(fn, x, y):
+        step_loss, correct = strategy.run(fn, args=(x, y))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, step_loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+
+    train_step = tf.function(lambda x, y: reduced(train_replica, x, y))
+    val_step = tf.function(lambda x, y: reduced(lambda a, b: loss_and_correct(a, b, False), x, y))
+    writers = {split: tf.summary.create_file_writer(os.path.join(log_dir, split))
+               for split in ("train", "validation")}
+    history, seconds = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}, []
+    for epoch in range(epochs):
+        for prefix, ds, step in (("", train_ds, train_step), ("val_", val_ds, val_step)):
+            losses, correct, seen = [], 0.0, 0
+            for x, y in strategy.experimental_distribute_dataset(ds):
+                start = time.perf_counter()
+                step_loss, step_correct = step(x, y)
+                losses.append(float(step_loss))
+                if not prefix:
+                    seconds.append(time.perf_counter() - start)
+                correct, seen = correct + float(step_correct), seen + global_batch
+            history[prefix + "loss"].append(float(np.mean(losses)))
+            history[prefix + "accuracy"].append(correct / seen)
+            with writers["validation" if prefix else "train"].as_default():
+                tf.summary.scalar("epoch_loss", history[prefix + "loss"][-1], step=epoch)
+                tf.summary.scalar("epoch_accuracy", history[prefix + "accuracy"][-1], step=epoch)
+        print(f"Epoch {epoch + 1}/{epochs} - loss: {history['loss'][-1]:.4f} - accuracy: "
+              f"{history['accuracy'][-1]:.4f} - val_loss: {history['val_loss'][-1]:.4f} - "
+              f"val_accuracy: {history['val_accuracy'][-1]:.4f}", flush=True)
+        if not np.isfinite(history["loss"][-1]):
+            break
+    for writer in writers.values():
+        writer.close()
+    return history, seconds
+
+
+def save_json(path, payload):
+    with open(path, "w") as f:
+        json.dump(payload, f)
+
+
+
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------

@@ -56,7 +56,6 @@ import numpy as np
 # 12,000 shapes: the job's 5 epochs of SGD at lr 0.001 reach ~0.86 on them; on 6,000
 # (300 steps) they stopped near 0.78.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1, "examples": (12000, 2000)}
-DEFAULT_DATASET = "shapes"
 HEADLINE = ("cheapest_device", "cpu_wall_time_s", "cpu_examples_per_sec", "cpu_val_accuracy",
             "cpu_compute_share", "break_even_speedup", "gpu_count", "devices_failed",
             "wall_time_s")
@@ -259,7 +258,12 @@ def matmul_flops_per_sec(m, k, n, chain=20, repeats=7):
 
 
 class CallTimer(keras.callbacks.Callback):
-    """Seconds and steps of each compiled training call, and fit's time to the first one's end."""
+    """Seconds and steps of each compiled training call, and fit's time to the first one's end.
+
+    Not the kit's StepTimer: with steps_per_execution=0 one call is a whole epoch,
+    and the first call's share (tracing, compiling) is what this recipe explains.
+    The loss is read back before the clock stops, as the kit's timer does.
+    """
 
     def __init__(self):
         super().__init__()
@@ -275,6 +279,7 @@ class CallTimer(keras.callbacks.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
         now = time.perf_counter()
         if self.first_call_s is None:
             self.first_call_s = now - self._fit_start
@@ -282,22 +287,20 @@ class CallTimer(keras.callbacks.Callback):
         self._last_step = batch
 
 
-def throughput(calls, first_call_s, batch_size):
-    """examples/s and per-step percentiles, leaving out the first call (it compiles).
+def call_throughput(calls, first_call_s, batch_size):
+    """The kit's throughput over per-step times, leaving out the first call (it compiles);
+    plus the first call, the time to the first step and the later calls' total.
 
     Time to the first step: the first call's time less its other steps at the steady
     rate (with one step per call, exactly the first call's time).
     """
-    steady = calls[1:] or calls
-    seconds = np.array([s for s, _ in steady])
-    steps = np.array([n for _, n in steady])
-    per_step = seconds / steps
-    first_step = first_call_s - (calls[0][1] - 1) * seconds.sum() / steps.sum()
-    return {"examples_per_sec": batch_size * steps.sum() / seconds.sum(),
+    per_step = [seconds / steps for seconds, steps in calls]
+    steady_calls = calls[1:] or calls
+    seconds_per_step = sum(s for s, _ in steady_calls) / sum(n for _, n in steady_calls)
+    first_step = first_call_s - (calls[0][1] - 1) * seconds_per_step
+    return {**throughput(per_step, batch_size, warmup=1),
             "first_call_s": first_call_s, "first_step_s": max(first_step, 0.0),
-            "steps_s": float(sum(s for s, _ in calls[1:])),
-            "step_time_ms_p50": 1000 * float(np.percentile(per_step, 50)),
-            "step_time_ms_p90": 1000 * float(np.percentile(per_step, 90))}
+            "steps_s": float(sum(s for s, _ in calls[1:]))}
 
 
 def make_inputs(x, y, config, training):
@@ -338,7 +341,7 @@ def train_job(config, data, weights, log_dir=None):
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate")
     val_loss, val_accuracy = model.evaluate(verbose=0, **make_inputs(x_val, y_val, config,
                                                                        training=False))
-    return {**throughput(timer.calls, timer.first_call_s, config.batch_size),
+    return {**call_throughput(timer.calls, timer.first_call_s, config.batch_size),
             "wall_time_s": wall, "loss": final_loss,
             "val_loss": val_loss, "val_accuracy": val_accuracy,
             "steps_per_execution": model.steps_per_execution,
@@ -400,9 +403,8 @@ def worker(job_file):
     floor = flops * len(data[0][0]) * config.epochs / rate
     result.update(startup_s=startup, matmul_gflops=rate / 1e9, compute_floor_s=floor,
                   compute_share=floor / result["wall_time_s"], backend=keras.backend.backend())
-    tmp = job["out"] + ".tmp"
-    pathlib.Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, job["out"])
+    write_atomically(job["out"], lambda partial: pathlib.Path(partial).write_text(
+        json.dumps(result)))
 
 
 # --- the parent: one subprocess per device ---------------------------------------------
@@ -507,20 +509,27 @@ def log_results(run_dir, results, cost_metrics):
         writer.close()
 
 
-def run(config, run_dir, data):
-    """Runs the job once per device; returns flat metrics for metrics.json."""
-    start = time.perf_counter()
-    run_dir = os.path.abspath(run_dir)  # the per-device subprocesses run elsewhere
+def check(config, data):
+    """(devices, prices) to run on; ValueError (one line) for input that cannot run."""
     prices = parse_prices(config.price_per_hour)
     devices = parse_devices(config.devices) or find_devices()
     unpriced = [d for d in devices if price_of(d, prices) is None]
     if unpriced:
         raise ValueError(f"--price_per_hour has no price for {unpriced[0]}; add "
                          f"{unpriced[0].split(':')[0]}:PRICE or {unpriced[0]}:PRICE")
-    (x_train, y_train), (x_val, y_val) = data
+    (x_train, _), _ = data
     if len(x_train) < config.batch_size:
         raise ValueError(f"--batch_size={config.batch_size} is larger than the "
                          f"{len(x_train)} training examples; lower it")
+    return devices, prices
+
+
+def run(config, run_dir, data):
+    """Runs the job once per device; returns flat metrics for metrics.json."""
+    start = time.perf_counter()
+    run_dir = os.path.abspath(run_dir)  # the per-device subprocesses run elsewhere
+    devices, prices = check(config, data)
+    (x_train, y_train), (x_val, y_val) = data
     num_classes = int(max(np.max(y_train), np.max(y_val))) + 1
     weights = initial_weights(int(np.prod(x_train.shape[1:])), config.hidden_units,
                               num_classes, config.seed)
@@ -557,3 +566,63 @@ def run(config, run_dir, data):
     metrics.update({f"{metric_prefix(d)}_error": results[d]["error"] for d in failed})
     return metrics
 
+
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------

@@ -170,6 +170,14 @@ def choose_policy(devices=None, flags=None, backend=None, model=None):
     return "float32", "no GPU and no bfloat16 CPU instructions: 16-bit math would be slower"
 
 
+def fastest_16bit_policy(devices=None):
+    """The 16-bit policy this hardware runs best, whether or not auto would pick it:
+    mixed_float16 on an NVIDIA GPU, mixed_bfloat16 on a TPU or a CPU. What --compare
+    measures against float32 when the chosen policy is float32 itself."""
+    devices = accelerators() if devices is None else devices
+    return "mixed_float16" if any(kind == "gpu" for kind, _ in devices) else "mixed_bfloat16"
+
+
 @contextlib.contextmanager
 def global_policy(name):
     """Sets the global dtype policy inside the block; restores the previous one after.
@@ -250,20 +258,16 @@ def check_loss_scaling(model, policy):
 
 # --- training with a step timer and a NaN guard --------------------------------
 
-class StepGuard(keras.callbacks.Callback):
-    """Times each step (loss read back, so async backends are waited for), logs
-    the loss scale per epoch, and stops at the first NaN/Inf loss."""
+class PolicyGuard(keras.callbacks.Callback):
+    """Stops at the first NaN/Inf loss, naming the step and policy; logs the loss scale
+    per epoch. (The kit's StepTimer beside it times the steps.)"""
 
     def __init__(self, policy):
         super().__init__()
-        self.policy, self.seconds, self.step, self.bad = policy, [], 0, None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
+        self.policy, self.step, self.bad = policy, 0, None
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
-        self.seconds.append(time.perf_counter() - self._start)
         self.step += 1
         if not np.isfinite(loss) and self.bad is None:
             self.bad = f"loss became {loss} at training step {self.step} under policy {self.policy}"
@@ -273,15 +277,6 @@ class StepGuard(keras.callbacks.Callback):
         scale = loss_scale(self.model)
         if scale is not None and logs is not None:
             logs["loss_scale"] = scale  # the TensorBoard callback after this one logs it
-
-
-def throughput(step_seconds, batch_size, warmup_steps):
-    """examples/s and step-time percentiles, skipping warm-up steps when enough remain."""
-    steady = step_seconds[warmup_steps:] if len(step_seconds) > warmup_steps else step_seconds[1:]
-    steady = np.asarray(steady or step_seconds)
-    return {"examples_per_sec": batch_size / float(np.median(steady)),
-            "step_time_ms_p50": 1000 * float(np.percentile(steady, 50)),
-            "step_time_ms_p90": 1000 * float(np.percentile(steady, 90))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -310,8 +305,8 @@ class Trainee:
                                loss=keras.losses.SparseCategoricalCrossentropy(),
                                metrics=["accuracy"])
         self.policy, self.history = policy, {}
-        self.guard = StepGuard(policy)
-        self.callbacks = [self.guard]
+        self.timer, self.guard = StepTimer(), PolicyGuard(policy)
+        self.callbacks = [self.timer, self.guard]
         if log_dir and has_tensorflow():
             self.callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
         self.gpu_peak_mb = None
@@ -334,7 +329,7 @@ class Trainee:
                                      f"epoch {epoch + 1} under policy {self.policy}")
 
     def results(self, batch_size, warmup_steps):
-        out = {**throughput(self.guard.seconds, batch_size, warmup_steps),
+        out = {**throughput(self.timer.seconds, batch_size, warmup_steps),
                "val_accuracy": self.history["val_accuracy"],
                "val_loss": self.history["val_loss"], "loss": self.history["loss"]}
         if self.gpu_peak_mb is not None:
@@ -405,16 +400,47 @@ def advise(model, batch_size, step_ms, fetch_ms):
     return tips
 
 
+# --- the report -----------------------------------------------------------------
+
+def format_table(policies, results):
+    lines = [f"{'policy':<16} {'examples/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'val_acc':>8} "
+             f"{'val_loss':>9}" + (f" {'gpu MiB':>8}" if "gpu_peak_mb" in results[0] else "")]
+    for p, r in zip(policies, results):
+        lines.append(f"{p:<16} {r['examples_per_sec']:>11.0f} {r['step_time_ms_p50']:>8.2f} "
+                     f"{r['step_time_ms_p90']:>8.2f} {r['val_accuracy']:>8.4f} "
+                     f"{r['val_loss']:>9.4f}"
+                     + (f" {r['gpu_peak_mb']:>8.0f}" if "gpu_peak_mb" in r else ""))
+    return "\n".join(lines)
+
+
+def compare_verdict(recommended, reason, policy, speedup, noise=0.05):
+    """One line: does the measured speedup agree with the recommended policy's rule?"""
+    if recommended == "float32":
+        agrees = speedup < 1 + noise
+        return (f"float32 is recommended here ({reason}); measured {policy} at {speedup:.2f}x "
+                f"float32, which " + ("agrees" if agrees else
+                                      f"disagrees: try --policy={policy} on this machine"))
+    agrees = speedup >= 1
+    return (f"{recommended} is recommended ({reason}); measured {speedup:.2f}x float32, which "
+            + ("agrees" if agrees else "disagrees: keep float32 on this machine"))
+
+
 # --- the run ------------------------------------------------------------------------
+
+def check(config, data):
+    """ValueError (one line) for input that cannot run."""
+    (x_train, _), (x_val, _) = data
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError("the dataset needs training and validation examples")
+
 
 def run(config, run_dir, data):
     """Trains under the chosen policy (and float32 with --compare); returns flat metrics."""
     start = time.perf_counter()
+    check(config, data)
     (x_train, y_train), (x_val, y_val) = data
     x_train, x_val = np.asarray(x_train, "float32"), np.asarray(x_val, "float32")
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
-    if len(x_train) == 0 or len(x_val) == 0:
-        raise ValueError("the dataset needs training and validation examples")
     num_classes = int(max(y_train.max(), y_val.max())) + 1
     batch_size = min(config.batch_size, len(x_train))
     if config.policy == "auto":
@@ -425,6 +451,10 @@ def run(config, run_dir, data):
     else:
         policy, reason = config.policy, "asked for with --policy"
     print(f"policy: {policy} ({reason}); backend: {keras.backend.backend()}")
+    recommended = policy
+    if config.compare and policy == "float32":  # float32 against itself would show nothing
+        policy = fastest_16bit_policy()
+        print(f"--compare: measuring {policy}, the fastest 16-bit policy here, against float32")
     if not has_tensorflow():
         print("note: TensorFlow is not installed, so no TensorBoard logs are written")
 
@@ -459,8 +489,9 @@ def run(config, run_dir, data):
         keras.mixed_precision.set_global_policy(previous)
 
     r = results[0]
-    metrics = {"policy": policy, "policy_reason": reason, "backend": keras.backend.backend(),
-               "output_dtype": output_dtype, "loss_scaling": scaled, **r}
+    metrics = {"policy": policy, "recommended_policy": recommended, "policy_reason": reason,
+               "backend": keras.backend.backend(), "output_dtype": output_dtype,
+               "loss_scaling": scaled, **r}
     if scaled:
         metrics["loss_scale"] = loss_scale(main.model)
     tips = advise(main.model, batch_size, r["step_time_ms_p50"],
@@ -472,7 +503,8 @@ def run(config, run_dir, data):
                        val_accuracy_delta=r["val_accuracy"] - base["val_accuracy"],
                        val_loss_delta=r["val_loss"] - base["val_loss"])
         print(format_table(policies, results))
-        if metrics["speedup"] < 1 and policy != "float32":
+        print(compare_verdict(recommended, reason, policy, metrics["speedup"]))
+        if metrics["speedup"] < 1 and recommended != "float32":
             tips.append(f"{policy} ran {1 / metrics['speedup']:.2f}x SLOWER than float32 here: "
                         "this hardware has no fast path for it; keep float32")
     if "gpu_peak_mb" not in r:
@@ -484,12 +516,62 @@ def run(config, run_dir, data):
     return metrics
 
 
-def format_table(policies, results):
-    lines = [f"{'policy':<16} {'examples/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'val_acc':>8} "
-             f"{'val_loss':>9}" + (f" {'gpu MiB':>8}" if "gpu_peak_mb" in results[0] else "")]
-    for p, r in zip(policies, results):
-        lines.append(f"{p:<16} {r['examples_per_sec']:>11.0f} {r['step_time_ms_p50']:>8.2f} "
-                     f"{r['step_time_ms_p90']:>8.2f} {r['val_accuracy']:>8.4f} "
-                     f"{r['val_loss']:>9.4f}"
-                     + (f" {r['gpu_peak_mb']:>8.0f}" if "gpu_peak_mb" in r else ""))
-    return "\n".join(lines)
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------

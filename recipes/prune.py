@@ -47,6 +47,7 @@ import time
 import typing
 import warnings
 
+import keras  # Keras 3: only the measuring kit's StepTimer, at the end of this file
 import numpy as np
 import tensorflow as tf
 
@@ -66,7 +67,6 @@ sparsity = tfmot.sparsity.keras
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
-DEFAULT_DATASET = "shapes"
 HEADLINE = ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
             "sparsity_measured", "baseline_gzip_bytes", "pruned_gzip_bytes",
             "compression_ratio", "tflite_gzip_bytes", "tflite_quant_gzip_bytes",
@@ -351,8 +351,13 @@ def save_h5(model, path):
     """tf_keras .h5 without the optimizer (whose slots are dense and would hide the zeros)."""
     with warnings.catch_warnings():  # "HDF5 is legacy": it is what the tfmot guide measures
         warnings.simplefilter("ignore", UserWarning)
-        model.save(path, include_optimizer=False)
+        write_atomically(path, lambda partial: model.save(partial, include_optimizer=False))
     return gzip_bytes(path)
+
+
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def to_tflite(model, quantize):
@@ -452,14 +457,22 @@ def format_table(m, per_layer, targets):
     return "\n".join(lines)
 
 
+def check(config, data):
+    """ValueError (one line) for input that cannot run: layer names, the pruning span."""
+    (x_train, y_train), _ = data
+    model, _ = build_model(np.shape(x_train)[1:], int(np.max(y_train)) + 1, config.model)
+    check_layer_names(model, config.prune_layers)
+    pruning_steps(config, len(x_train))
+
+
 def run(config, run_dir, data):
     """Trains a baseline, prunes a copy, exports both; returns flat metrics for metrics.json."""
     start = time.perf_counter()
+    check(config, data)
     tf_keras.utils.set_random_seed(config.seed)
     (x_train, y_train), (x_val, y_val) = data
     num_classes = int(np.max(y_train)) + 1
     baseline, loss = build_model(x_train.shape[1:], num_classes, config.model)
-    check_layer_names(baseline, config.prune_layers)  # bad input stops before any training
     steps, _, _ = pruning_steps(config, len(x_train))
     print(f"== baseline: {config.model} model, {baseline.count_params():,} weights ==")
     train(baseline, loss, data, config.baseline_epochs, config.batch_size, config.learning_rate,
@@ -481,8 +494,8 @@ def run(config, run_dir, data):
     tflite = {}
     for name, quantize in (("tflite", False), ("tflite_quant", True)):
         flatbuffer = to_tflite(stripped, quantize)
-        with open(os.path.join(run_dir, f"pruned{'_quant' if quantize else ''}.tflite"), "wb") as f:
-            f.write(flatbuffer)
+        write_atomically(os.path.join(run_dir, f"pruned{'_quant' if quantize else ''}.tflite"),
+                         lambda partial: write_bytes(partial, flatbuffer))
         tflite[name] = gzip_bytes(flatbuffer)
 
     if config.sparsity_m_by_n is not None:
@@ -544,3 +557,64 @@ def run(config, run_dir, data):
             metrics[f"sweep_sparsity_measured_s{key}"] = row["sparsity_measured"]
     metrics["wall_time_s"] = time.perf_counter() - start
     return metrics
+
+
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------

@@ -67,7 +67,6 @@ import tensorflow as tf
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
-DEFAULT_DATASET = "shapes"
 HEADLINE = ("input_wait_percent", "input_bound", "step_time_ms_p50", "input_wait_ms_p50",
             "examples_per_sec", "pipeline_headroom", "cpu_percent_mean", "rss_mb_max", "gpu_count",
             "val_accuracy", "wall_time_s")
@@ -347,7 +346,8 @@ def timed_training(train_step, dataset, total_steps, writer, profiler, on_step=l
             with writer.as_default(step=step):
                 tf.summary.scalar("loss", loss)
                 tf.summary.scalar("input_wait_ms", 1000 * (t1 - t0))
-                tf.summary.scalar("step_time_ms", 1000 * (t2 - t1))
+                tf.summary.scalar("train_step_ms", 1000 * (t2 - t1))
+                tf.summary.scalar("step_time_ms", 1000 * (t2 - t0))
     finally:
         profiler.stop()
     return waits, steps, losses
@@ -384,14 +384,12 @@ def _ms(seconds, q):
     return 1000 * float(np.percentile(seconds, q))
 
 
-def run(config, run_dir, data):
-    """Trains with the profiler and the monitor on; returns flat metrics for metrics.json."""
-    start = time.perf_counter()
+def check(config, data):
+    """(batch size, total steps) of the run; ValueError (one line) for input that cannot run."""
     if keras.backend.backend() != "tensorflow":
         raise ValueError(f"the profile recipe needs Keras's TensorFlow backend, not "
                          f"{keras.backend.backend()}; set KERAS_BACKEND=tensorflow")
-    keras.utils.set_random_seed(config.seed)
-    (x_train, y_train), (x_val, y_val) = data
+    (x_train, _), _ = data
     batch_size = min(config.batch_size, len(x_train))
     steps_per_epoch = config.steps_per_epoch or len(x_train) // batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -399,6 +397,16 @@ def run(config, run_dir, data):
     if last > total_steps:
         raise ValueError(f"--profile_steps={first},{last} is past the run's {total_steps} steps "
                          f"({config.epochs} epochs x {steps_per_epoch}); lower it or raise --epochs")
+    return batch_size, total_steps
+
+
+def run(config, run_dir, data):
+    """Trains with the profiler and the monitor on; returns flat metrics for metrics.json."""
+    start = time.perf_counter()
+    batch_size, total_steps = check(config, data)
+    keras.utils.set_random_seed(config.seed)
+    (x_train, y_train), (x_val, y_val) = data
+    first, last = config.profile_steps
     num_classes = max(2, int(np.max(y_train)) + 1)
     model = build_model(x_train.shape[1:], num_classes)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -427,8 +435,10 @@ def run(config, run_dir, data):
         make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False, repeat=False),
         verbose=0)
 
-    skip = config.warmup_steps if total_steps > config.warmup_steps else 1
-    waits, steps = np.array(waits[skip:] or waits), np.array(steps[skip:] or steps)
+    waits = np.array(steady(waits, config.warmup_steps))
+    steps = np.array(steady(steps, config.warmup_steps))
+    # A step as training sees it: waiting for the batch, then computing on it.
+    rates = throughput(waits + steps, batch_size, warmup=0)
     percent, bound, advice = input_bound_verdict(
         waits, steps, config.input_bound_percent, config.prefetch, config.parallel_calls,
         config.input_delay_ms > 0)
@@ -437,13 +447,14 @@ def run(config, run_dir, data):
     print(f"\n{'':>12} {'p50 ms':>8} {'p90 ms':>8} {'share':>6}")
     print(f"{'input wait':>12} {_ms(waits, 50):>8.2f} {_ms(waits, 90):>8.2f} {percent:>5.0f}%")
     print(f"{'train step':>12} {_ms(steps, 50):>8.2f} {_ms(steps, 90):>8.2f} {100 - percent:>5.0f}%")
+    print(f"{'whole step':>12} {rates['step_time_ms_p50']:>8.2f} {rates['step_time_ms_p90']:>8.2f}"
+          f"        {rates['examples_per_sec']:.0f} examples/s")
     print(f"monitor: {stats['monitor_samples']} samples, CPU {stats['cpu_percent_mean']:.0f}% "
           f"mean (100 = one core), RSS max {stats['rss_mb_max']:.0f} MB"
           + ("" if monitor.gpus_found else "; no GPU series (no NVIDIA GPU)"))
     print("trace: " + (traces[-1] if traces else "none written")
           + f"\n  view: tensorboard --logdir {run_dir}  (Profile tab)")
-    train_rate = len(steps) / float(np.sum(waits) + np.sum(steps))
-    step_rate = len(steps) / float(np.sum(steps))  # how fast training would go on free data
+    step_rate = 1000 / _ms(steps, 50)  # steps/s the train step alone runs: training on free data
     print(f"input pipeline alone: {pipeline_rate:.0f} batches/s; the train step alone: "
           f"{step_rate:.0f} steps/s -> pipeline headroom {pipeline_rate / step_rate:.1f}x "
           "(below about 1x the input sets the pace, whatever the overlap)")
@@ -452,8 +463,8 @@ def run(config, run_dir, data):
         "input_wait_percent": percent,
         "input_bound": bound,
         "input_wait_ms_p50": _ms(waits, 50), "input_wait_ms_p90": _ms(waits, 90),
-        "step_time_ms_p50": _ms(steps, 50), "step_time_ms_p90": _ms(steps, 90),
-        "examples_per_sec": batch_size * train_rate,
+        **rates,  # examples_per_sec and step_time_ms_p50/_p90 of the whole step
+        "train_step_ms_p50": _ms(steps, 50), "train_step_ms_p90": _ms(steps, 90),
         "pipeline_batches_per_sec": pipeline_rate,
         "pipeline_headroom": pipeline_rate / step_rate,
         "gpu_count": len(monitor.tf_gpus),
@@ -462,3 +473,64 @@ def run(config, run_dir, data):
         "profile_trace": traces[-1] if traces else "",
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------

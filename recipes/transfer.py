@@ -60,7 +60,6 @@ import tensorflow as tf
 # What main.py feeds this recipe: a few hundred 64x64 RGB images by default
 # (Config.image_size overrides the size main.py loads them at).
 DATA = {"form": "arrays", "image_size": 64, "channels": 3, "examples": (320, 80)}
-DEFAULT_DATASET = "shapes"
 HEADLINE = ("val_accuracy_phase1", "val_accuracy_phase2", "best_val_accuracy", "base_epoch_s",
             "head_epoch_s", "cache_speedup", "trainable_params", "total_params", "wall_time_s")
 
@@ -225,32 +224,23 @@ def make_dataset(x, y, batch_size, seed, shuffle=True, repeat=False):
     return (ds.repeat() if repeat else ds).prefetch(tf.data.AUTOTUNE)
 
 
-def steady(step_seconds, warmup_steps):
-    """Step times without the warm-up steps (keeps at least one)."""
-    rest = step_seconds[warmup_steps:] if len(step_seconds) > warmup_steps else step_seconds[-1:]
-    return np.asarray(rest, dtype=np.float64)
-
-
 def epoch_seconds(step_seconds, warmup_steps, steps):
     """Seconds per epoch of `steps` steps at the median steady step time."""
     return float(np.median(steady(step_seconds, warmup_steps))) * steps
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Seconds per training step; prints the phase's estimated duration early on."""
+class EstimatePrinter(keras.callbacks.Callback):
+    """Prints the phase's estimated duration once the StepTimer before it has a few steps."""
 
-    def __init__(self, label, total_steps, warmup_steps):
+    def __init__(self, timer, label, total_steps, warmup_steps):
         super().__init__()
-        self.label, self.total_steps, self.warmup_steps = label, total_steps, warmup_steps
-        self.seconds = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
+        self.timer, self.label = timer, label
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-        if len(self.seconds) == self.warmup_steps + 2 and self.total_steps > len(self.seconds):
-            print_estimate(self.label, steady(self.seconds, self.warmup_steps), self.total_steps)
+        seconds = self.timer.seconds
+        if len(seconds) == self.warmup_steps + 2 and self.total_steps > len(seconds):
+            print_estimate(self.label, steady(seconds, self.warmup_steps), self.total_steps)
 
 
 def print_estimate(label, step_seconds, total_steps):
@@ -297,31 +287,16 @@ def cached_features(extractor, x_train, x_val, batch_size, config):
     val, _ = extract_features(extractor, x_val, batch_size, config.warmup_steps,
                               label="feature extraction (validation)")
     if key is not None:
-        folder = os.path.dirname(os.path.abspath(config.cache_file))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=key, train=train, val=val)
-        os.replace(tmp, config.cache_file)
+        os.makedirs(os.path.dirname(os.path.abspath(config.cache_file)), exist_ok=True)
+
+        def save(partial):  # through a file object: np.savez would add .npz to a bare name
+            with open(partial, "wb") as f:
+                np.savez(f, key=key, train=train, val=val)
+        write_atomically(config.cache_file, save)
     return train, val, seconds
 
 
 # --- saving --------------------------------------------------------------------
-
-def save_atomically(model, path):
-    """model.save to a temp name in the same folder, then os.replace: never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=folder)
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def export_saved_model(model, path):
     """A TF SavedModel for serving (its `serve` signature), written to a temp dir then moved."""
@@ -349,7 +324,7 @@ class SaveBest(keras.callbacks.Callback):
         accuracy = (logs or {}).get("val_accuracy")
         if accuracy is not None and accuracy > self.best:
             self.best, self.best_epoch = float(accuracy), epoch
-            save_atomically(self.model_to_save, self.path)
+            write_atomically(self.path, self.model_to_save.save)
 
 
 # --- training ------------------------------------------------------------------
@@ -359,11 +334,12 @@ def fit_phase(model, train, val, label, epochs, initial_epoch, learning_rate, st
     """Compiles `model` at `learning_rate` and trains it; returns (history, StepTimer)."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    timer = StepTimer(label, steps * (epochs - initial_epoch), config.warmup_steps)
+    timer = StepTimer()
+    estimate = EstimatePrinter(timer, label, steps * (epochs - initial_epoch), config.warmup_steps)
     history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=config.steps_per_epoch, verbose=2,
                         shuffle=False,  # make_dataset shuffles
-                        callbacks=[timer, keras.callbacks.TerminateOnNaN(), *callbacks])
+                        callbacks=[timer, estimate, keras.callbacks.TerminateOnNaN(), *callbacks])
     loss = history.history["loss"][-1]
     if not np.isfinite(loss):
         raise FloatingPointError(f"{label}: training loss became {loss}; lower --learning_rate "
@@ -385,21 +361,50 @@ def as_rgb(x, image_size):
     return x
 
 
+def check_weights(weights):
+    """ValueError (one line) unless VGG16 loads `weights`: ImageNet's (cached or downloaded
+    now) or a file's. Loaded into a 32x32 VGG16, which has the same kernels as any size."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        load_vgg16(weights, MIN_IMAGE_SIZE)  # its own one-line ValueError when offline
+        return
+    try:
+        load_vgg16(weights, MIN_IMAGE_SIZE)
+    except Exception as e:  # h5py's OSError for a file that is not HDF5, a layer mismatch...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--weights={weights} cannot be loaded into VGG16 (no top): {first}; "
+                         "pass keras' vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5, "
+                         "imagenet or none") from None
+
+
+def check(config, data):
+    """ValueError (one line) for input that cannot run: images, classes, the weights."""
+    (x_train, y_train), (x_val, y_val) = data
+    for x in (x_train, x_val):
+        shape = np.shape(x)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+            raise ValueError(f"images must be shaped (n, size, size, 1 or 3), got {shape}")
+    labels = np.concatenate([np.ravel(y_train), np.ravel(y_val)])
+    if len(x_val) == 0 or len(np.unique(labels)) < 2:
+        raise ValueError("transfer needs at least two classes and some validation images")
+    check_weights(config.weights)
+
+
 def run(config, run_dir, data):
     """Phase 1 (frozen base, maybe cached), phase 2 (block5); returns flat metrics."""
     start = time.perf_counter()
+    check(config, data)
     (x_train, y_train), (x_val, y_val) = data
     x_train, x_val = as_rgb(x_train, config.image_size), as_rgb(x_val, config.image_size)
     y_train, y_val = np.asarray(y_train, np.int64).ravel(), np.asarray(y_val, np.int64).ravel()
     num_classes = int(max(y_train.max(), y_val.max())) + 1
-    if num_classes < 2 or len(x_val) == 0:
-        raise ValueError("transfer needs at least two classes and some validation images")
     if config.weights == "none":
         print("\n*** --weights=none: VGG16 starts from RANDOM weights. This run only shows the "
               "mechanics and speed\n*** (freezing, caching, fine-tuning); its accuracy says "
               f"nothing about transfer learning. ***\n{PRETRAINED_NOTE}\n", flush=True)
     keras.utils.set_random_seed(config.seed)
-    base = load_vgg16(config.weights, config.image_size)  # fails here, before training
+    base = load_vgg16(config.weights, config.image_size)
     model, head, extractor = build_model(base, num_classes, config.dense_units, config.augment,
                                          config.seed)
     batch_size = min(config.batch_size, len(x_train))
@@ -452,7 +457,7 @@ def run(config, run_dir, data):
         metrics["val_accuracy_phase2"] = float(history.history["val_accuracy"][-1])
         metrics["fine_tune_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
 
-    save_atomically(model, os.path.join(run_dir, "final.keras"))
+    write_atomically(os.path.join(run_dir, "final.keras"), model.save)
     if config.export == "saved_model":
         export_saved_model(model, os.path.join(run_dir, "saved_model"))
     metrics.update(val_accuracy=metrics.get("val_accuracy_phase2", metrics["val_accuracy_phase1"]),
@@ -463,3 +468,64 @@ def run(config, run_dir, data):
         print(f"\nval_accuracy {metrics['val_accuracy']:.3f} is from random VGG16 weights: "
               f"not a result. {PRETRAINED_NOTE}")
     return metrics
+
+
+# --- measuring kit: the same text in every recipe that times steps or writes files ----
+# (drop-in files cannot import a shared module; tests/test_kit.py fails if a copy differs)
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds per call of fit's train function (steps_per_execution steps, data included).
+
+    The loss is read back before the clock stops: an asynchronous backend (JAX, a
+    GPU) hands control back before the step has run, and would be timed too short.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))  # waits for the device
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def steady(seconds, warmup):
+    """The timings after the first `warmup`, which trace and compile. When no more than
+    `warmup` were taken, all but the first; a single timing is kept."""
+    seconds = list(seconds)
+    return seconds[warmup:] if len(seconds) > warmup else seconds[min(1, len(seconds) - 1):]
+
+
+def throughput(step_seconds, examples_per_step, warmup):
+    """examples/s = examples per step / median steady step time; p50 and p90 step times.
+
+    The median, not a mean: a few stalled steps (a checkpoint, another process)
+    do not move it, and the p90 beside it shows them.
+    """
+    p50, p90 = np.percentile(steady(step_seconds, warmup), [50, 90])
+    return {"examples_per_sec": examples_per_step / float(p50),
+            "step_time_ms_p50": 1000 * float(p50), "step_time_ms_p90": 1000 * float(p90)}
+
+
+def write_atomically(path, write):
+    """Calls write(temporary path) in `path`'s folder, then renames it to `path`.
+
+    A crash or kill never leaves a half-written file under the final name. The
+    temporary name keeps the extension, from which Keras and h5py pick the format.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    # Not created beforehand (as mkstemp would, private), so the file gets the usual mode.
+    partial = os.path.join(folder, f".{stem}.partial-{os.getpid()}-{time.monotonic_ns()}{ext}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+# --- end of measuring kit ---------------------------------------------------------------

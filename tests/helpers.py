@@ -152,3 +152,20 @@ def tensorboard_server(logdir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def assert_median_throughput(metrics, rate_key, p50_key, examples_per_step):
+    """A rate must be examples per step over the median step time (README), within 3%,
+    not examples over total time, a mean that hides stalls."""
+    expected = examples_per_step / (metrics[p50_key] / 1000)
+    assert abs(metrics[rate_key] / expected - 1) <= 0.03, (rate_key, metrics[rate_key], expected)
+
+
+def load_benchmark(name):
+    """benchmarks/NAME.py as a module of its own name (not the recipe of the same name)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}",
+                                                  REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

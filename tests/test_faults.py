@@ -13,6 +13,7 @@ from helpers import (ENV, REPO, error_lines, free_ports, only_run_dir, read_tens
                       run_cli)
 
 import main
+from cli import runs
 from recipes import batch
 
 # 400 steps of batch 4: an epoch takes about a second on 2 cores, long enough
@@ -105,10 +106,63 @@ def test_nan_loss_is_one_line_exit_1_and_no_metrics(tmp_path):
     assert not (only_run_dir(tmp_path, "batch") / "metrics.json").exists()
 
 
-def test_out_of_memory_errors_are_recognised():
-    import tensorflow as tf
-    assert main.is_out_of_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"))
-    assert not main.is_out_of_memory(RuntimeError("shapes do not match"))
+GREEDY_BATCH = """
+import sys
+import keras, tensorflow as tf
+import main
+from recipes import batch
+
+class Greedy(keras.layers.Layer):  # asks the CPU for 1 TiB at its first step
+    def call(self, x):
+        size = tf.cast(tf.shape(x)[:1], tf.int64) * 2**35  # int64 and dynamic: never folded
+        return x + tf.reduce_max(tf.random.uniform(size))
+
+def greedy_model(input_shape, num_classes):
+    model = keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(), Greedy(),
+                              keras.layers.Dense(num_classes)])
+    return model, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+batch.build_model = greedy_model
+sys.exit(main.main(sys.argv))
+"""
+
+
+def test_out_of_memory_in_training_is_one_line_exit_1_and_keeps_the_folder(tmp_path):
+    """A real ResourceExhaustedError from TensorFlow, in a real run of main."""
+    result = subprocess.run(
+        [sys.executable, "-c", GREEDY_BATCH, "--recipe=batch", "--batch_sizes=8", "--epochs=1",
+         "--steps_per_epoch=2", f"--logdir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, lines
+    run_dir = only_run_dir(tmp_path, "batch")
+    assert lines[0].startswith("error: out of memory at --batch_sizes=8: try a smaller")
+    assert f"run folder kept: {run_dir}" in lines[0]
+    assert "ResourceExhaustedError" in (run_dir / "error.txt").read_text()
+    assert (run_dir / "flags.json").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_a_failure_after_training_keeps_the_trained_models_exit_1(tmp_path, capfd,
+                                                                  monkeypatch):
+    """A late error (here the TFLite converter's) is not bad input: nothing made is lost."""
+    from recipes import prune
+
+    def converter_fails(model, quantize):
+        raise ValueError("TFLite converter failed: op not supported")
+
+    monkeypatch.setattr(prune, "to_tflite", converter_fails)
+    code = main.main(["main.py", "--recipe=prune", "--baseline_epochs=1", "--epochs=1",
+                      "--steps_per_epoch=5", f"--logdir={tmp_path}"])
+    assert code == 1
+    lines = error_lines(capfd.readouterr().err)
+    run_dir = only_run_dir(tmp_path, "prune")
+    assert lines == [f"error: ValueError: TFLite converter failed: op not supported (run folder "
+                     f"kept: {run_dir}; the traceback is in its error.txt)"]
+    for trained in ("baseline.h5", "pruned.h5"):  # both models, whole, where they were written
+        assert prune.tf_keras.models.load_model(run_dir / trained, compile=False)
+    assert "converter_fails" in (run_dir / "error.txt").read_text()
+    assert list((run_dir / "baseline").iterdir())  # the TensorBoard logs stay too
 
 
 def test_multi_worker_trains_on_two_local_workers(tmp_path):
@@ -154,10 +208,9 @@ NAN_RUNS = {
 def test_nan_loss_ends_every_recipe_with_one_line_and_exit_1(recipe, tmp_path, capsys,
                                                             monkeypatch):
     monkeypatch.setenv("KERAS_GPU_RECIPES_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(SystemExit) as stopped:
-        main.main(["main.py", f"--recipe={recipe}", *NAN_RUNS[recipe], "--learning_rate=1e38",
-                   f"--logdir={tmp_path / 'runs'}"])
-    assert stopped.value.code == 1
+    code = main.main(["main.py", f"--recipe={recipe}", *NAN_RUNS[recipe], "--learning_rate=1e38",
+                      f"--logdir={tmp_path / 'runs'}"])
+    assert code == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and ("nan" in lines[0] or "inf" in lines[0]), lines
     assert not list((tmp_path / "runs").glob("*/*/metrics.json"))

@@ -1,13 +1,14 @@
 """mixed_precision recipe: policy choice, float32 output, loss scaling, NaN guard, restore."""
-import json
 import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, block_tensorflow, error_lines, only_run_dir,
-                      read_tensorboard_tags, run_cli, run_dropin, write_idx_set)
+from helpers import (ENV, REPO, assert_median_throughput, block_tensorflow, error_lines,
+                     load_benchmark, only_run_dir, read_tensorboard_tags, run_cli, run_dropin,
+                     write_idx_set)
 from recipes import mixed_precision as mp
 
 TINY = dict(epochs=1, batch_size=16, steps_per_epoch=2, filters=(8, 16), dense_units=16,
@@ -22,18 +23,55 @@ def keep_global_policy():
 
 
 def test_mixed_float16_compare_keeps_float32_output_scales_loss_and_reports_speedup(
-        tiny_images, tmp_path, keep_global_policy):
+        tiny_images, tmp_path, keep_global_policy, monkeypatch):
+    starts = {}  # each policy's weights as its training begins
+    original_init = mp.Trainee.__init__
+
+    def recording_init(self, policy, *args, **kwargs):
+        original_init(self, policy, *args, **kwargs)
+        starts[policy] = [w.copy() for w in self.model.get_weights()]
+
+    monkeypatch.setattr(mp.Trainee, "__init__", recording_init)
     metrics = mp.run(mp.Config(policy="mixed_float16", compare=True, **TINY), str(tmp_path),
                      tiny_images)
-    assert metrics["policy"] == "mixed_float16"
+    assert metrics["policy"] == metrics["recommended_policy"] == "mixed_float16"
     assert metrics["output_dtype"] == "float32"
     assert metrics["loss_scaling"] is True and metrics["loss_scale"] > 1
-    assert metrics["speedup"] > 0 and metrics["float32_examples_per_sec"] > 0
-    assert abs(metrics["val_accuracy_delta"]) <= 1
-    assert json.dumps(metrics)  # flat and JSON-ready for metrics.json
+    assert sorted(starts) == ["float32", "mixed_float16"]
+    for mixed, full in zip(starts["mixed_float16"], starts["float32"]):  # the same start
+        np.testing.assert_array_equal(mixed, full)
+    assert metrics["speedup"] == pytest.approx(
+        metrics["examples_per_sec"] / metrics["float32_examples_per_sec"])
+    assert metrics["val_accuracy_delta"] == pytest.approx(
+        metrics["val_accuracy"] - metrics["float32_val_accuracy"])
+    for prefix in ("", "float32_"):
+        assert_median_throughput(metrics, f"{prefix}examples_per_sec",
+                                 f"{prefix}step_time_ms_p50", TINY["batch_size"])
     tags = read_tensorboard_tags(tmp_path / "mixed_float16" / "train")
     assert tags["epoch_loss_scale"][-1] == metrics["loss_scale"]
     assert "epoch_loss_scale" not in read_tensorboard_tags(tmp_path / "float32_baseline" / "train")
+
+
+def test_compare_where_float32_is_kept_measures_the_fastest_16_bit_policy(
+        tiny_images, tmp_path, keep_global_policy, capsys):
+    metrics = mp.run(mp.Config(policy="float32", compare=True, **TINY), str(tmp_path),
+                     tiny_images)
+    assert metrics["recommended_policy"] == "float32"
+    assert metrics["policy"] == mp.fastest_16bit_policy() == "mixed_bfloat16"  # no GPU here
+    assert metrics["speedup"] == pytest.approx(
+        metrics["examples_per_sec"] / metrics["float32_examples_per_sec"])
+    verdict = "agrees" if metrics["speedup"] < 1.05 else "disagrees"
+    assert f"measured mixed_bfloat16 at {metrics['speedup']:.2f}x float32, which {verdict}" in \
+        capsys.readouterr().out
+
+
+def test_compare_verdict_says_when_the_measurement_contradicts_the_rule():
+    assert "which agrees" in mp.compare_verdict("float32", "why", "mixed_bfloat16", 0.6)
+    assert "disagrees: try --policy=mixed_bfloat16" in mp.compare_verdict(
+        "float32", "why", "mixed_bfloat16", 1.4)
+    assert "which agrees" in mp.compare_verdict("mixed_float16", "why", "mixed_float16", 2.5)
+    assert "disagrees: keep float32" in mp.compare_verdict(
+        "mixed_float16", "why", "mixed_float16", 0.8)
 
 
 def test_model_with_16_bit_output_is_rejected(tiny_images, keep_global_policy):
@@ -132,7 +170,8 @@ rng = np.random.default_rng(0)
 x = rng.random((48, 16, 16, 3), dtype=np.float32); y = rng.integers(0, 4, 48)
 m = mp.run(mp.Config(policy="mixed_bfloat16", compare=True, epochs=1, batch_size=16,
                      filters=(8,), dense_units=8, warmup_steps=1), "logs", ((x, y), (x[:16], y[:16])))
-assert m["backend"] == "jax" and m["output_dtype"] == "float32" and m["speedup"] > 0, m
+assert m["backend"] == "jax" and m["output_dtype"] == "float32", m
+assert abs(m["speedup"] - m["examples_per_sec"] / m["float32_examples_per_sec"]) < 1e-9, m
 assert keras.mixed_precision.global_policy().name == "float32"
 print("OK", m["policy"], round(m["speedup"], 2))
 """
@@ -159,8 +198,23 @@ def test_benchmark_runs_on_jax_with_tensorflow_not_importable(tmp_path):
         env={**ENV, "KERAS_BACKEND": "jax", "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "backend: jax" in result.stdout
-    for model in ("conv", "mlp"):  # every policy measured for both models, none violating
-        assert f"ok: auto picks float32 for {model}" in result.stdout, result.stdout[-2000:]
+    for model in ("conv", "mlp"):  # every policy measured for both models, each checked
+        assert f"auto picks float32 for {model}; the fastest 16-bit policy" in result.stdout, \
+            result.stdout[-2000:]
         for policy in mp.POLICIES:
             assert f"{model:<6} {policy:<16}" in result.stdout
     assert "conv CPU train examples_per_sec ratio:" in result.stdout
+
+
+def test_benchmark_flags_float32_when_a_16_bit_policy_was_faster_beyond_noise():
+    bench = load_benchmark("mixed_precision")
+    rounds = {"float32": [100, 100, 100], "mixed_bfloat16": [130, 125, 128]}
+    result = {"float32": 100, "mixed_bfloat16": 128}
+    assert bench.auto_check("float32", "conv", result, rounds).startswith("VIOLATION")
+    noisy = {"float32": [100, 100, 100], "mixed_bfloat16": [130, 95, 128]}  # slower once
+    assert bench.auto_check("float32", "conv", result, noisy).startswith("ok")
+    close = {"float32": 100, "mixed_bfloat16": 105}  # within noise
+    assert bench.auto_check("float32", "conv", close, rounds).startswith("ok")
+    slower = {"float32": 100, "mixed_bfloat16": 90}
+    assert bench.auto_check("mixed_bfloat16", "conv", slower, rounds).startswith("VIOLATION")
+    assert bench.auto_check("mixed_bfloat16", "conv", result, rounds).startswith("ok")

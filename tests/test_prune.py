@@ -56,7 +56,8 @@ def test_cli_headline_run_reaches_target_sparsity_and_really_shrinks_the_export(
     for key in ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
                 "baseline_gzip_bytes", "tflite_gzip_bytes", "tflite_quant_gzip_bytes"):
         assert key in metrics, key
-    assert 0 <= metrics["pruned_accuracy"] <= 1
+    assert metrics["accuracy_drop"] == pytest.approx(
+        metrics["baseline_accuracy"] - metrics["pruned_accuracy"])
     assert abs(metrics["sparsity_measured"] - 0.8) <= 0.01
     for name in ("dense_128", "dense_64", "output"):
         assert abs(metrics[f"sparsity_{name}"] - 0.8) <= 0.01, name
@@ -178,8 +179,8 @@ def test_sweep_compares_accuracy_and_size_per_sparsity(tiny_images, tmp_path):
     sizes = [metrics[f"sweep_gzip_bytes_s{s}"] for s in (50, 80, 95)]
     assert sizes[0] > sizes[1] > sizes[2]  # more zeros, smaller download
     assert metrics["sweep_gzip_bytes_s80"] == metrics["pruned_gzip_bytes"]  # reused, not retrained
+    assert metrics["sweep_accuracy_s80"] == metrics["pruned_accuracy"]
     for s in (50, 80, 95):
         assert abs(metrics[f"sweep_sparsity_measured_s{s}"] - s / 100) <= 0.01
-        assert 0 <= metrics[f"sweep_accuracy_s{s}"] <= 1
     tags = read_tensorboard_tags(tmp_path / "sweep")
     assert len(tags["sweep/pruned_accuracy"]) == 3 and len(tags["sweep/gzip_bytes"]) == 3
