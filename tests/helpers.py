@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -19,6 +20,10 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# Generated data sets are drawn once for the whole suite, not into the user's own cache
+# (CI sets its own folder).
+os.environ.setdefault("KERAS_GPU_RECIPES_CACHE",
+                      os.path.join(tempfile.gettempdir(), "keras-gpu-recipes-test-cache"))
 # Quiet TensorFlow's C++ logs in subprocesses; tests read stderr for one-line errors.
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 

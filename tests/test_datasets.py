@@ -97,6 +97,29 @@ def test_default_shapes_draw_a_light_figure_on_a_dark_background():
     assert _light_on_dark(hard).mean() < 0.5  # the check tells the variants apart
 
 
+def test_large_shapes_sets_are_drawn_once_then_read_back(tmp_path, monkeypatch):
+    n_train, n_val = shapes.CACHE_MIN_EXAMPLES - 100, 100
+    first = shapes.load(n_train, n_val, image_size=8, seed=5, cache_dir=tmp_path)
+    [cached] = tmp_path.glob("shapes-arrays-8px-1ch-*.npz")
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("drew the set again instead of reading the cache")
+
+    monkeypatch.setattr(shapes, "generate", no_drawing)
+    again = shapes.load(n_train, n_val, image_size=8, seed=5, cache_dir=tmp_path)
+    for (a, b), (c, d) in zip(first, again):  # (train, val), each (images, labels)
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    monkeypatch.undo()
+    cached.write_bytes(cached.read_bytes()[:100])  # a damaged cache is drawn again, whole
+    redrawn = shapes.load(n_train, n_val, image_size=8, seed=5, cache_dir=tmp_path)
+    np.testing.assert_array_equal(redrawn[1][0], first[1][0])
+    other = shapes.load(n_train, n_val, image_size=8, seed=5, cache_dir=tmp_path,
+                        variant="shapes_hard")
+    assert not np.array_equal(other[0][0], first[0][0])  # another look, another file
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not list(tmp_path.glob("*.tmp"))
+
+
 def test_shapes_folder_is_written_once_and_reused(tmp_path):
     root = shapes.cached_folder(20, 10, image_size=32, channels=3, cache_dir=tmp_path)
     classes = sorted(p.name for p in (root / "train").iterdir())

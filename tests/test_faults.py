@@ -207,7 +207,6 @@ NAN_RUNS = {
 @pytest.mark.parametrize("recipe", sorted(NAN_RUNS))
 def test_nan_loss_ends_every_recipe_with_one_line_and_exit_1(recipe, tmp_path, capsys,
                                                             monkeypatch):
-    monkeypatch.setenv("KERAS_GPU_RECIPES_CACHE", str(tmp_path / "cache"))
     code = main.main(["main.py", f"--recipe={recipe}", *NAN_RUNS[recipe], "--learning_rate=1e38",
                       f"--logdir={tmp_path / 'runs'}"])
     assert code == 1
