@@ -266,7 +266,12 @@ def write_folder(root, n, image_size=150, channels=3, seed=0, image_format="jpeg
             pixels, label = _example(seed, offset + i, image_size, channels, look)
             image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
             image.save(staging / CLASS_NAMES[label] / f"{offset + i:06d}.{ext}")
-        os.replace(staging, root)
+        try:
+            os.replace(staging, root)
+        except OSError:
+            if not root.is_dir():
+                raise
+            shutil.rmtree(staging)  # another process drew the same folder first: same pixels
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
