@@ -27,17 +27,22 @@ def fail(message, code):
 def prepare(argv):
     """Everything before training, or None after --help. Bad input raises ValueError
     (UsageError, DataError, or the recipe's own from Config and check())."""
-    from cli import data, distribute, flags, runs
+    from cli import data, distribute, flags, models, runs
 
     command = flags.parse(argv, __doc__)
     if command is None:
         return None
     strategy = distribute.for_command(command)  # before any TensorFlow op runs
-    dataset, inputs = data.load(command)
+    fv = command.values
+    model = (models.load(command.model_path, fv.trust_model, fv.model_code)
+             if command.model_path else None)
+    dataset, inputs = data.load(command, model)  # resized and scaled for the model's input
+    given = {"model": model} if model is not None else {}
     if hasattr(command.module, "check"):
-        command.module.check(command.config, inputs)
+        command.module.check(command.config, inputs, **given)
+    extra = {**given, **({"strategy": strategy} if strategy is not None else {})}
     run = runs.prepare(command, dataset, chief=distribute.is_chief())  # the folder comes last
-    return command, strategy, inputs, run
+    return command, extra, inputs, run
 
 
 def main(argv):
@@ -49,11 +54,12 @@ def main(argv):
         return 0
     from cli import runs
 
-    command, strategy, inputs, run = prepared
-    extra = {} if strategy is None else {"strategy": strategy}
+    command, extra, inputs, run = prepared
     runs.exit_on_interrupt(run)
     try:
         metrics = command.module.run(command.config, str(run.dir), inputs, **extra)
+        if command.model_path:
+            metrics["model_path"] = command.model_path
         runs.finish(run, metrics, getattr(command.module, "HEADLINE", ()), command.values.logdir)
     except Exception as e:  # training started: whatever went wrong, the folder stays
         kept = runs.keep_after_failure(run, e)

@@ -75,7 +75,8 @@ def main():
     data = load_fashion_mnist(args.data_dir)
     (x_train, _), _ = data
     weights = device.initial_weights(784, 500, 10, seed=0)
-    flops = device.flops_per_example(784, 500, 10) * len(x_train) * args.epochs
+    flops = (device.train_flops_per_example(device.build_model((28, 28, 1), 500, 10))
+             * len(x_train) * args.epochs)
     rows = variants(backend)
     runs = {name: [] for name, _ in rows}
     floors = []

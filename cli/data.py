@@ -1,19 +1,91 @@
-"""--dataset / --data_dir -> the data a recipe's DATA declares, through datasets/."""
+"""--dataset / --data_dir -> the data a recipe's DATA declares, through datasets/.
+
+With --model, the model's input decides the geometry: images are loaded at its
+height, width and channels, and reach it in the range its first layers expect
+(0-255 when it begins with Rescaling or Normalization, [0, 1] otherwise).
+"""
+from cli import UsageError
 
 
-def load(command):
-    """(dataset name, data) for the recipe; DataError (a UsageError's sibling) for bad data.
+def first_layer(model):
+    """The model's first layer after its input."""
+    import keras
 
-    A recipe's Config may override its DATA geometry (image_size, channels), and
-    may declare DEFAULT_DATASET where its default is not `shapes`.
-    """
+    return next((layer for layer in model.layers
+                 if not isinstance(layer, keras.layers.InputLayer)), None)
+
+
+def starts_with_scaling(model):
+    """Whether the model's first layer rescales or normalizes pixels itself."""
+    import keras
+
+    return isinstance(first_layer(model), (keras.layers.Rescaling, keras.layers.Normalization))
+
+
+def model_geometry(model, path, dataset):
+    """(height, width, channels) of the model's image input; UsageError when images
+    cannot fill it (a model of feature vectors, say)."""
+    if len(model.inputs) != 1:
+        raise UsageError(f"--model={path} has {len(model.inputs)} inputs; the recipes feed one")
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise UsageError(f"--model={path} takes inputs shaped {shape}, which --dataset={dataset} "
+                         "images (height, width, 1 or 3 channels) cannot fill: use "
+                         "--dataset=npz --data_dir=FILE.npz with arrays of that shape")
+    return shape
+
+
+def load(command, model=None):
+    """(dataset name, data) for the recipe; DataError/UsageError (one line) for bad data."""
     import datasets  # Deferred so --help stays instant.
 
     module, config, fv = command.module, command.config, command.values
     spec = dict(getattr(module, "DATA", {"form": "arrays"}))
-    for key in ("image_size", "channels"):
+    for key in ("image_size", "channels"):  # a recipe's Config may override its geometry
         if hasattr(config, key):
             spec[key] = getattr(config, key)
     dataset = fv.dataset or ("directory" if fv.data_dir
                              else getattr(module, "DEFAULT_DATASET", "shapes"))
-    return dataset, datasets.load(dataset, fv.data_dir, seed=fv.seed, **spec)
+    if model is None or dataset == "npz":
+        data = datasets.load(dataset, fv.data_dir, seed=fv.seed, **spec)
+        return dataset, (check_npz_fits(model, command.model_path, data) if model else data)
+    height, width, channels = model_geometry(model, command.model_path, dataset)
+    if spec["form"] == "directory":  # the recipe decodes the images itself, square and RGB
+        if height is None or height != width or channels != 3:
+            raise UsageError(f"--model={command.model_path} takes {(height, width, channels)} "
+                             f"inputs; --recipe={command.name} feeds square RGB images")
+        command.config = _with_image_size(config, height)
+        return dataset, datasets.load(dataset, fv.data_dir, seed=fv.seed,
+                                      **{**spec, "image_size": height})
+    size = height or spec.get("image_size", 28)
+    data = datasets.load(dataset, fv.data_dir, seed=fv.seed,
+                         **{**spec, "image_size": size, "channels": channels})
+    if width is not None and width != size:
+        data = tuple((_resize(x, (size, width)), y) for x, y in data)
+    if starts_with_scaling(model):
+        print(f"pixels reach --model in 0-255: it begins with a "
+              f"{type(first_layer(model)).__name__} layer")
+        data = tuple((x * 255, y) for x, y in data)
+    else:
+        print("pixels reach --model in [0, 1] (it does not begin with Rescaling/Normalization)")
+    return dataset, data
+
+
+def check_npz_fits(model, path, data):
+    (x_train, _), _ = data
+    expected = tuple(model.inputs[0].shape[1:])
+    got = tuple(x_train.shape[1:])
+    if len(got) != len(expected) or any(e not in (None, g) for e, g in zip(expected, got)):
+        raise UsageError(f"--model={path} takes inputs shaped {expected}; the .npz arrays are "
+                         f"shaped {got}")
+    return data
+
+
+def _with_image_size(config, size):
+    import dataclasses
+    return dataclasses.replace(config, image_size=size)
+
+
+def _resize(images, size):
+    import tensorflow as tf
+    return tf.image.resize(images, size).numpy()

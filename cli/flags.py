@@ -34,9 +34,16 @@ SHARED_FLAGS = {
                          "TF_CONFIG) or tpu; with several replicas --batch_size is per replica"),
     "resume": (False, "continue the newest unfinished run of this same command from its last "
                       "finished epoch, in the same run folder"),
+    "model": (None, "your saved Keras model (.keras or .h5) to run the recipe on instead of its "
+                    "own; the data is resized to its input (prune also takes dense or conv)"),
+    "trust_model": (False, "load --model with Keras' safe mode off: only for a file you trust, "
+                           "since a Lambda layer in it can run any Python code"),
+    "model_code": (None, "a Python file that defines (and registers) the custom layers of "
+                         "--model; it is imported before the model is loaded"),
 }
 POSITIVE_INTS = ("epochs", "batch_size", "steps_per_epoch")
 INT_FLAGS = POSITIVE_INTS + ("seed",)
+BOOL_FLAGS = ("resume", "trust_model")
 
 
 @dataclasses.dataclass
@@ -47,6 +54,7 @@ class Command:
     values: flags.FlagValues
     config: object
     argv: list
+    model_path: str | None = None  # --model, when it names a file (not a built-in model)
 
 
 def config_help(config_cls):
@@ -106,10 +114,28 @@ def define_shared_flags(fv):
     for name, (default, help_text) in SHARED_FLAGS.items():
         if name in INT_FLAGS:
             flags.DEFINE_integer(name, default, help_text, flag_values=fv)
-        elif name == "resume":
+        elif name in BOOL_FLAGS:
             flags.DEFINE_boolean(name, default, help_text, flag_values=fv)
         else:
             flags.DEFINE_string(name, default, help_text, flag_values=fv)
+
+
+def model_choice(module, fv):
+    """(built-in model name or None, model file or None) from --model.
+
+    A recipe whose Config has a `model` field of built-in names (prune: dense,
+    conv) takes those names; any other value is a saved model file, for the
+    recipes that declare TAKES_MODEL.
+    """
+    value = fv.model
+    fields = {f.name: f for f in dataclasses.fields(module.Config)}
+    builtins = (typing.get_args(typing.get_type_hints(module.Config)["model"])
+                if "model" in fields else ())
+    if value is None or value in builtins:
+        return value, None
+    if not getattr(module, "TAKES_MODEL", False):
+        raise UsageError("--model does not apply to this recipe (see its --help)")
+    return None, value
 
 
 def build_config(module, fv, converters):
@@ -120,10 +146,14 @@ def build_config(module, fv, converters):
             raise UsageError(f"--{name} must be at least 1, got {fv[name].value}")
         if fv[name].value is not None and name not in fields:
             raise UsageError(f"--{name} does not apply to this recipe (see its --help)")
+    if (fv.trust_model or fv.model_code) and not fv.model:
+        raise UsageError("--trust_model and --model_code go with --model=FILE")
     values = {}
     for field in dataclasses.fields(module.Config):
         value = fv[field.name].value  # every field has a flag: its own or a shared one
-        if field.name in SHARED_FLAGS and value is None:
+        if field.name == "model":
+            value = model_choice(module, fv)[0]
+        if field.name in SHARED_FLAGS and (value is None or value is False):
             continue  # shared flag not given: keep the recipe's default
         try:
             values[field.name] = converters.get(field.name, lambda v: v)(value)
@@ -205,4 +235,5 @@ def parse(argv, usage):
         raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
     if fv.resume and not getattr(module, "RESUMABLE", False):
         raise UsageError(f"--recipe={name} cannot resume (it keeps no per-epoch checkpoint)")
-    return Command(name, module, fv, build_config(module, fv, converters), list(argv))
+    config = build_config(module, fv, converters)
+    return Command(name, module, fv, config, list(argv), model_choice(module, fv)[1])

@@ -9,18 +9,21 @@ module-level `DATA` dict:
                                 y integer class ids
                  "directory" -> (train_dir, validation_dir or None): a
                                 class-folder tree of image files
+    (--dataset=npz gives arrays of any shape, as stored in the file)
     image_size, channels: the geometry it trains on (generated sets are drawn
                  at it; real images are resized to it)
     examples:    (n_train, n_val) for the generated shapes set (default 6000, 1000)
 
 Every problem with the data raises DataError with a one-line message.
 """
+import zipfile
+
 import numpy as np
 
 from datasets import folder, idx, shapes
 from datasets.errors import DataError
 
-NAMES = ("shapes", "shapes_hard", "mnist", "fashion_mnist", "directory", "threshold")
+NAMES = ("shapes", "shapes_hard", "mnist", "fashion_mnist", "directory", "threshold", "npz")
 SHAPES_TRAIN, SHAPES_VAL = 6000, 1000
 
 
@@ -29,6 +32,31 @@ def threshold():
     x = np.array([[0.1], [0.3], [0.6], [0.9]], dtype=np.float32)
     y = (x[:, 0] > 0.5).astype(np.float32)
     return (x, y), (x, y)
+
+
+def npz(path):
+    """((x_train, y_train), (x_val, y_val)) from a .npz of those four arrays, any shape."""
+    if not path:
+        raise DataError("--dataset=npz needs --data_dir=FILE.npz (arrays x_train, y_train, "
+                        "x_val, y_val)")
+    names = ("x_train", "y_train", "x_val", "y_val")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in names if k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"--data_dir={path} is not a readable .npz file "
+                        f"({type(e).__name__})") from None
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise DataError(f"--data_dir={path} lacks the array(s) {', '.join(missing)} "
+                        "(expected x_train, y_train, x_val, y_val)")
+    x_train, y_train, x_val, y_val = (arrays[k] for k in names)
+    for x, y, split in ((x_train, y_train, "train"), (x_val, y_val, "val")):
+        if len(x) != len(y) or len(x) == 0:
+            raise DataError(f"--data_dir={path}: x_{split} has {len(x)} rows but y_{split} has "
+                            f"{len(y)}; each needs one label per row, and some rows")
+    return ((x_train.astype(np.float32), y_train.astype(np.int64)),
+            (x_val.astype(np.float32), y_val.astype(np.int64)))
 
 
 def _idx_arrays(name, data_dir, image_size, channels):
@@ -53,6 +81,8 @@ def load(name, data_dir=None, form="arrays", image_size=28, channels=1, seed=0,
     if name not in NAMES:
         raise DataError(f"unknown --dataset={name}; choose one of {', '.join(NAMES)}")
     if form == "directory":
+        if name == "npz":
+            raise DataError("this recipe reads image folders; --dataset=npz holds arrays")
         if name in shapes.VARIANTS:
             root = shapes.cached_folder(n_train, n_val, image_size, channels, seed, variant=name)
             return root / "train", root / "validation"
@@ -64,6 +94,8 @@ def load(name, data_dir=None, form="arrays", image_size=28, channels=1, seed=0,
         return shapes.load(n_train, n_val, image_size, channels, seed, variant=name)
     if name == "threshold":
         return threshold()
+    if name == "npz":
+        return npz(data_dir)
     if name == "directory":
         data, skipped = folder.load(data_dir, image_size, channels, seed)
         if skipped:

@@ -24,7 +24,10 @@ Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores, ~20 s), mea
         batch size and a `sweep` run with throughput and accuracy plotted
         against batch size.
 Copy:   this file alone works in any project with tensorflow and keras:
-        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))); add
+        run(Config(), "logs", ((x_train, y_train), (x_val, y_val)),
+        model=your_model) sweeps your keras.Model (copies of it, from its
+        weights; a builder fn(input_shape, num_classes) works too; leave it
+        out for the recipe's classifier); add
         strategy=tf.distribute.MirroredStrategy() for several GPUs (batch
         sizes are then per replica). Running it again on the same folder
         continues a killed sweep from its last finished epoch.
@@ -44,6 +47,7 @@ import tensorflow as tf
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
 RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed sweep
 TAKES_STRATEGY = True  # run() takes strategy=: tf.distribute scales the sweep out
+TAKES_MODEL = True  # run() takes model=: your keras.Model, swept instead of the classifier
 HEADLINE = ("best_batch_size", "best_examples_per_sec", "best_val_accuracy",
             "throughput_ratio_largest_vs_smallest", "wall_time_s")
 
@@ -110,9 +114,29 @@ def check_finite(loss, batch_size, learning_rate):
                                  f"(learning rate {learning_rate:g}); lower --learning_rate")
 
 
-def train_at_batch_size(initial_weights, input_shape, num_classes, data, batch_size,
-                        learning_rate, config, run_dir, strategy):
-    """Trains a fresh copy of the model from `initial_weights`; returns its measurements.
+def model_maker(model, input_shape, num_classes):
+    """(make, reference): make() returns (a fresh copy of the model, starting from the
+    same weights at every call, its loss, its metrics); reference is the model copied.
+
+    model: None (this recipe's classifier), a keras.Model (copied, never trained)
+    or a builder fn(input_shape, num_classes), called once.
+    """
+    if model is None:
+        reference, loss = build_model(input_shape, num_classes)
+        return (lambda: (fresh_model(reference, input_shape, num_classes), loss,
+                         ["accuracy"])), reference
+    reference = model if isinstance(model, keras.Model) else model(input_shape, num_classes)
+    print(f"your model: {reference.count_params():,} weights; loss: "
+          f"{classifier_loss(reference, num_classes)[2]}")
+
+    def make():  # metrics are stateful: new ones for every copy
+        loss, metrics, _ = classifier_loss(reference, num_classes)
+        return fresh_model(reference, input_shape, num_classes), loss, metrics
+    return make, reference
+
+
+def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run_dir, strategy):
+    """Trains a fresh copy of the model from make_model(); returns its measurements.
 
     `batch_size` is per replica; each step takes batch_size * replicas examples.
     A checkpoint left by a killed run of the same folder is continued.
@@ -133,10 +157,9 @@ def train_at_batch_size(initial_weights, input_shape, num_classes, data, batch_s
             print(f"Resuming batch size {batch_size} after epoch {epochs_done} from {checkpoint}")
             model = keras.models.load_model(checkpoint)
         else:
-            model, loss = build_model(input_shape, num_classes)
-            model.set_weights(initial_weights)
+            model, loss, metrics = make_model()
             model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                          metrics=["accuracy"])
+                          metrics=metrics)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         history, seconds = fit_distributed(model, model.optimizer, model.loss, train_ds, val_ds,
                                            config.epochs, strategy, log_dir)
@@ -151,6 +174,8 @@ def train_at_batch_size(initial_weights, input_shape, num_classes, data, batch_s
                 EpochCheckpoint(checkpoint_dir, config.epochs)]).history
         seconds = timer.seconds
     check_finite(history["loss"][-1], batch_size, learning_rate)
+    if strategy.extended.should_checkpoint:  # the chief keeps the trained model
+        write_atomically(os.path.join(log_dir, "model.keras"), model.save)
     warmup = config.warmup_steps if not checkpoint else 1  # a resumed run compiles once more
     return {**throughput(seconds, global_batch, warmup),
             "val_loss": history["val_loss"][-1], "val_accuracy": history["val_accuracy"][-1],
@@ -185,21 +210,34 @@ def format_table(results, best):
     return "\n".join(lines)
 
 
-def run(config, run_dir, data, strategy=None):
+def num_classes_of(data):
+    (_, y_train), (_, y_val) = data
+    return int(max(np.max(y_train), np.max(y_val))) + 1
+
+
+def check(config, data, model=None):
+    """ValueError (one line) when `model` cannot be trained on data's classes."""
+    if isinstance(model, keras.Model):
+        classifier_loss(model, num_classes_of(data))
+
+
+def run(config, run_dir, data, strategy=None, model=None):
     """Sweeps the batch sizes; returns flat metrics for metrics.json.
 
     `strategy` is a tf.distribute strategy (default: the one-device default);
     batch sizes are per replica. Batch sizes already finished in `run_dir`
-    (a resumed run) are read back instead of trained again.
+    (a resumed run) are read back instead of trained again. `model`: None for
+    this recipe's classifier, your keras.Model (each batch size trains a copy
+    from its weights; yours is never changed) or fn(input_shape, num_classes).
     """
     start = time.perf_counter()
+    check(config, data, model)
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(config.seed)
-    (x_train, y_train), _ = data
-    num_classes = int(np.max(y_train)) + 1
-    model, _ = build_model(x_train.shape[1:], num_classes)
-    initial_weights = model.get_weights()
+    (x_train, _), _ = data
+    with strategy.scope():
+        make_model, reference = model_maker(model, x_train.shape[1:], num_classes_of(data))
     results = {}
     for batch_size in config.batch_sizes:
         result_file = os.path.join(run_dir, f"batch_{batch_size}", "result.json")
@@ -211,9 +249,8 @@ def run(config, run_dir, data, strategy=None):
         lr = config.learning_rate * (batch_size / config.base_batch_size if config.scale_lr else 1)
         lr *= replicas if config.scale_lr_with_replicas else 1
         print(f"\n== batch size {batch_size} x {replicas} replica(s) (learning rate {lr:.2e}) ==")
-        results[batch_size] = train_at_batch_size(
-            initial_weights, x_train.shape[1:], num_classes, data, batch_size, lr, config,
-            run_dir, strategy)
+        results[batch_size] = train_at_batch_size(make_model, data, batch_size, lr, config,
+                                                  run_dir, strategy)
         os.makedirs(os.path.dirname(result_file), exist_ok=True)
         write_atomically(result_file, lambda partial: save_json(partial, results[batch_size]))
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # the sweep is done
@@ -224,7 +261,9 @@ def run(config, run_dir, data, strategy=None):
     smallest, largest = min(results), max(results)
     metrics.update(
         best_batch_size=best,
+        best_model_file=os.path.join(run_dir, f"batch_{best}", "model.keras"),
         replicas=replicas,
+        model_params=reference.count_params(),
         best_examples_per_sec=results[best]["examples_per_sec"],
         best_val_accuracy=results[best]["val_accuracy"],
         throughput_ratio_largest_vs_smallest=(results[largest]["examples_per_sec"]
@@ -331,6 +370,62 @@ def save_json(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f)
 
+
+
+# --- model kit: the same text in every recipe that trains the user's model -------------
+# (run(model=...) takes a keras.Model, never changed, or fn(input_shape, num_classes);
+# tests/test_kit.py fails if a copy differs)
+
+def fresh_model(model, input_shape, num_classes):
+    """A model to train: a clone of a keras.Model with its weights (the user's own object
+    is never trained), or what the builder fn(input_shape, num_classes) returns."""
+    if isinstance(model, keras.Model):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model(input_shape, num_classes)
+
+
+def output_activation(model):
+    """The activation of the layer that makes the model's output: softmax, sigmoid, linear..."""
+    layer = model.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def classifier_loss(model, num_classes):
+    """(loss, metrics, why): the model's compiled loss and metrics (accuracy first), else
+    the loss its output implies. ValueError (one line) for an output that is not a
+    classifier of num_classes."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"the model has {len(model.outputs)} outputs; these recipes train "
+                         "one classifier output")
+    units, activation = int(model.outputs[0].shape[-1]), output_activation(model)
+    if units == 1 and activation != "sigmoid":
+        raise ValueError("the model ends in one linear unit, a regression output; these "
+                         "recipes train classifiers: end it with Dense(classes) or a sigmoid unit")
+    if units != num_classes and not (units == 1 and num_classes == 2):
+        raise ValueError(f"the model has {units} output units but the data has {num_classes} "
+                         "classes: they must match")
+    if units > 1 and activation == "sigmoid":
+        raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
+                         "train one class per example: end it with softmax or logits")
+    config = model.get_compile_config() or {}
+    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
+                              keras.metrics.deserialize(m)
+                              for m in config.get("metrics") or [] if m != "accuracy"]
+    if getattr(model, "loss", None) is not None:
+        return model.loss, metrics, "its own compiled loss"
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+    if activation == "softmax":
+        return (keras.losses.SparseCategoricalCrossentropy(), metrics,
+                "sparse categorical cross-entropy on its softmax output")
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
+            "sparse categorical cross-entropy from logits (its output has no softmax)")
+
+# --- end of model kit ------------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -34,9 +34,13 @@ Expect: on the default shapes data (12,000 28x28 images) on 2 shared CPU cores,
         long (benchmarks/device.py).
 Copy:   this file alone works in any project with keras (TensorFlow or JAX
         backend) and numpy: run(Config(), "logs", ((x_train, y_train),
-        (x_val, y_val))). It loads itself in a subprocess per device.
+        (x_val, y_val)), model=your_model). It loads itself in a subprocess per
+        device; your keras.Model (optional; a builder fn(input_shape,
+        num_classes) works too) reaches each one as run_dir/model.keras, so its
+        custom layers need Config(model_code="your_layers.py").
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -56,6 +60,7 @@ import numpy as np
 # 12,000 shapes: the job's 5 epochs of SGD at lr 0.001 reach ~0.86 on them; on 6,000
 # (300 steps) they stopped near 0.78.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1, "examples": (12000, 2000)}
+TAKES_MODEL = True  # run() takes model=: your keras.Model is the job on every device
 HEADLINE = ("cheapest_device", "cpu_wall_time_s", "cpu_examples_per_sec", "cpu_val_accuracy",
             "cpu_compute_share", "break_even_speedup", "gpu_count", "devices_failed",
             "wall_time_s")
@@ -80,6 +85,9 @@ class Config:
     # indices and gathers whole batches) or tf.data slices shuffled one example at a time
     timeout_s: int = 3600  # seconds one device's job may take before it is reported as failed
     seed: int = 0  # initial weights and shuffling (the same on every device)
+    model_code: str | None = None  # with your model: a Python file that registers its custom
+    # layers, imported by each device's worker before it loads the model
+    trust_model: bool = False  # with your model: workers load it with Keras' safe mode off
 
     def __post_init__(self):
         parse_devices(self.devices)
@@ -216,9 +224,26 @@ def build_model(input_shape, hidden_units, num_classes):
     ])
 
 
-def flops_per_example(input_dim, hidden_units, num_classes):
-    """Forward and backward of the two dense layers: 6 FLOP per weight per example."""
-    return 6 * (input_dim * hidden_units + hidden_units * num_classes)
+def matrix_products(model):
+    """(rows per example, k, n) of each Dense and Conv2D layer as the matrix product it
+    computes: a Dense on (.., k) features has one row per position, a convolution one
+    per output pixel with k = kernel height x width x input channels (im2col)."""
+    products = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            k, n = layer.kernel.shape
+            products.append((math.prod(d or 1 for d in layer.input.shape[1:-1]), k, n))
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw, k_in, n = layer.kernel.shape
+            pixels = math.prod(d or 1 for d in layer.output.shape[1:-1])
+            products.append((pixels, kh * kw * k_in, n))
+    return products
+
+
+def train_flops_per_example(model):
+    """Forward and backward of its Dense and Conv2D products: 6 FLOP per weight per row.
+    Other layers are left out, so the arithmetic floor built on it is a lower bound."""
+    return sum(6 * rows * k * n for rows, k, n in matrix_products(model))
 
 
 def _compiled_variants(fn):
@@ -316,16 +341,23 @@ def make_inputs(x, y, config, training):
     return {"x": ds, **({"shuffle": False} if training else {})}
 
 
-def train_job(config, data, weights, log_dir=None):
-    """The job on the current default device; returns its measurements."""
+def train_job(config, data, weights=None, log_dir=None, model=None):
+    """The job on the current default device; returns its measurements.
+
+    The model is this recipe's 784-500-10 from `weights`, or `model` (yours, as its
+    worker loaded it: compiled with its loss).
+    """
     (x_train, y_train), (x_val, y_val) = data
     keras.utils.set_random_seed(config.seed)
-    model = build_model(x_train.shape[1:], config.hidden_units, len(weights[-1]))
-    model.set_weights(weights)
+    if model is None:
+        model = build_model(x_train.shape[1:], config.hidden_units, len(weights[-1]))
+        model.set_weights(weights)
+        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+    else:
+        loss, metrics, _ = classifier_loss(model, num_classes_of(data))
     steps = math.ceil(len(x_train) / config.batch_size)
     model.compile(optimizer=keras.optimizers.SGD(config.learning_rate, momentum=config.momentum),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"],
+                  loss=loss, metrics=metrics,
                   steps_per_execution=min(config.steps_per_execution or steps, steps),
                   jit_compile={"on": True, "off": False, "auto": "auto"}[config.xla])
     timer = CallTimer()
@@ -340,7 +372,7 @@ def train_job(config, data, weights, log_dir=None):
     if not np.isfinite(final_loss):
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate")
     val_loss, val_accuracy = model.evaluate(verbose=0, **make_inputs(x_val, y_val, config,
-                                                                       training=False))
+                                                                       training=False))[:2]
     return {**call_throughput(timer.calls, timer.first_call_s, config.batch_size),
             "wall_time_s": wall, "loss": final_loss,
             "val_loss": val_loss, "val_accuracy": val_accuracy,
@@ -394,13 +426,22 @@ def worker(job_file):
     config = Config(**job["config"])
     with np.load(job["data"]) as f:
         data = ((f["x_train"], f["y_train"]), (f["x_val"], f["y_val"]))
-        weights = [f[f"w{i}"] for i in range(4)]
+        weights = [f[f"w{i}"] for i in range(4)] if "w0" in f.files else None
+    model = None
+    if job["model_file"]:  # yours: the parent saved a copy of it for every worker
+        if config.model_code:
+            spec = importlib.util.spec_from_file_location("user_model_code", config.model_code)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        model = keras.models.load_model(job["model_file"], safe_mode=not config.trust_model)
+        print(f"training {model.name} ({model.count_params():,} weights) from "
+              f"{job['model_file']}", flush=True)
     startup = time.time() - job["launched_at"]
-    result = train_job(config, data, weights, job["log_dir"])
-    width = int(np.prod(data[0][0].shape[1:]))
-    rate = matmul_flops_per_sec(config.batch_size, width, config.hidden_units)
-    flops = flops_per_example(width, config.hidden_units, len(weights[-1]))
-    floor = flops * len(data[0][0]) * config.epochs / rate
+    result = train_job(config, data, weights, job["log_dir"], model)
+    if model is None:
+        model = build_model(data[0][0].shape[1:], config.hidden_units, len(weights[-1]))
+    rows, k, n = max(matrix_products(model), key=lambda p: p[0] * p[1] * p[2])
+    rate = matmul_flops_per_sec(min(config.batch_size * rows, 8192), k, n)
+    floor = train_flops_per_example(model) * len(data[0][0]) * config.epochs / rate
     result.update(startup_s=startup, matmul_gflops=rate / 1e9, compute_floor_s=floor,
                   compute_share=floor / result["wall_time_s"], backend=keras.backend.backend())
     write_atomically(job["out"], lambda partial: pathlib.Path(partial).write_text(
@@ -432,10 +473,11 @@ def device_env(device):
     return env
 
 
-def run_on_device(device, config, data_file, run_dir, work_dir):
+def run_on_device(device, config, data_file, run_dir, work_dir, model_file=None):
     """Runs the job in a fresh subprocess on `device`; its result, or {'error': why}."""
     out = os.path.join(work_dir, f"{metric_prefix(device)}.json")
     job = {"device": device, "config": dataclasses.asdict(config), "data": data_file,
+           "model_file": model_file,
            "log_dir": os.path.join(run_dir, metric_prefix(device)), "out": out,
            "launched_at": time.time()}
     job_file = os.path.join(work_dir, f"{metric_prefix(device)}_job.json")
@@ -509,8 +551,14 @@ def log_results(run_dir, results, cost_metrics):
         writer.close()
 
 
-def check(config, data):
-    """(devices, prices) to run on; ValueError (one line) for input that cannot run."""
+def num_classes_of(data):
+    (_, y_train), (_, y_val) = data
+    return int(max(np.max(y_train), np.max(y_val))) + 1
+
+
+def check(config, data, model=None):
+    """(devices, prices) to run on; ValueError (one line) for input that cannot run,
+    your model's output included."""
     prices = parse_prices(config.price_per_hour)
     devices = parse_devices(config.devices) or find_devices()
     unpriced = [d for d in devices if price_of(d, prices) is None]
@@ -521,28 +569,58 @@ def check(config, data):
     if len(x_train) < config.batch_size:
         raise ValueError(f"--batch_size={config.batch_size} is larger than the "
                          f"{len(x_train)} training examples; lower it")
+    if isinstance(model, keras.Model):
+        classifier_loss(model, num_classes_of(data))
     return devices, prices
 
 
-def run(config, run_dir, data):
-    """Runs the job once per device; returns flat metrics for metrics.json."""
+def save_for_workers(model, data, run_dir):
+    """Your model, as a file each device's worker loads: a copy with your weights,
+    compiled with its loss (the worker recompiles with the job's SGD). Returns
+    (its path, its parameter count)."""
+    (x_train, _), _ = data
+    reference = model if isinstance(model, keras.Model) else model(x_train.shape[1:],
+                                                                    num_classes_of(data))
+    loss, metrics, why = classifier_loss(reference, num_classes_of(data))
+    copy = fresh_model(reference, x_train.shape[1:], num_classes_of(data))
+    copy.compile(optimizer="sgd", loss=loss, metrics=metrics)
+    path = write_atomically(os.path.join(run_dir, "model.keras"), copy.save)
+    print(f"your model: {copy.count_params():,} weights; loss: {why}; saved for the "
+          f"workers as {path}")
+    return path, copy.count_params()
+
+
+def run(config, run_dir, data, model=None):
+    """Runs the job once per device; returns flat metrics for metrics.json.
+
+    model: None for this recipe's 784-500-10, your keras.Model (a copy is saved to
+    run_dir/model.keras and each worker trains it from there; yours is never
+    changed) or fn(input_shape, num_classes). Custom layers need
+    Config.model_code so that the workers can load it.
+    """
     start = time.perf_counter()
     run_dir = os.path.abspath(run_dir)  # the per-device subprocesses run elsewhere
-    devices, prices = check(config, data)
+    devices, prices = check(config, data, model)
     (x_train, y_train), (x_val, y_val) = data
-    num_classes = int(max(np.max(y_train), np.max(y_val))) + 1
-    weights = initial_weights(int(np.prod(x_train.shape[1:])), config.hidden_units,
-                              num_classes, config.seed)
     os.makedirs(run_dir, exist_ok=True)
+    weights, model_file = {}, None
+    if model is None:
+        weights = initial_weights(int(np.prod(x_train.shape[1:])), config.hidden_units,
+                                  num_classes_of(data), config.seed)
+        params = int(sum(w.size for w in weights))
+        weights = {f"w{i}": w for i, w in enumerate(weights)}
+    else:
+        model_file, params = save_for_workers(model, data, run_dir)
     work_dir = tempfile.mkdtemp(prefix="device_recipe_")
     try:
         data_file = os.path.join(work_dir, "data.npz")
         np.savez(data_file, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
-                 **{f"w{i}": w for i, w in enumerate(weights)})
+                 **weights)
         results = {}
         for device in devices:
             print(f"\n== {device} ==", flush=True)
-            results[device] = run_on_device(device, config, data_file, run_dir, work_dir)
+            results[device] = run_on_device(device, config, data_file, run_dir, work_dir,
+                                            model_file)
             if "error" in results[device]:
                 print(f"{device} failed: {results[device]['error']}")
     finally:
@@ -562,9 +640,66 @@ def run(config, run_dir, data):
                if "error" not in r for key, value in r.items()
                if isinstance(value, (int, float, str))}
     metrics.update(cost_metrics, gpu_count=sum(d != "cpu" for d in devices),
-                   devices_failed=len(failed), wall_time_s=time.perf_counter() - start)
+                   devices_failed=len(failed), model_params=params,
+                   wall_time_s=time.perf_counter() - start)
     metrics.update({f"{metric_prefix(d)}_error": results[d]["error"] for d in failed})
     return metrics
+
+
+# --- model kit: the same text in every recipe that trains the user's model -------------
+# (run(model=...) takes a keras.Model, never changed, or fn(input_shape, num_classes);
+# tests/test_kit.py fails if a copy differs)
+
+def fresh_model(model, input_shape, num_classes):
+    """A model to train: a clone of a keras.Model with its weights (the user's own object
+    is never trained), or what the builder fn(input_shape, num_classes) returns."""
+    if isinstance(model, keras.Model):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model(input_shape, num_classes)
+
+
+def output_activation(model):
+    """The activation of the layer that makes the model's output: softmax, sigmoid, linear..."""
+    layer = model.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def classifier_loss(model, num_classes):
+    """(loss, metrics, why): the model's compiled loss and metrics (accuracy first), else
+    the loss its output implies. ValueError (one line) for an output that is not a
+    classifier of num_classes."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"the model has {len(model.outputs)} outputs; these recipes train "
+                         "one classifier output")
+    units, activation = int(model.outputs[0].shape[-1]), output_activation(model)
+    if units == 1 and activation != "sigmoid":
+        raise ValueError("the model ends in one linear unit, a regression output; these "
+                         "recipes train classifiers: end it with Dense(classes) or a sigmoid unit")
+    if units != num_classes and not (units == 1 and num_classes == 2):
+        raise ValueError(f"the model has {units} output units but the data has {num_classes} "
+                         "classes: they must match")
+    if units > 1 and activation == "sigmoid":
+        raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
+                         "train one class per example: end it with softmax or logits")
+    config = model.get_compile_config() or {}
+    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
+                              keras.metrics.deserialize(m)
+                              for m in config.get("metrics") or [] if m != "accuracy"]
+    if getattr(model, "loss", None) is not None:
+        return model.loss, metrics, "its own compiled loss"
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+    if activation == "softmax":
+        return (keras.losses.SparseCategoricalCrossentropy(), metrics,
+                "sparse categorical cross-entropy on its softmax output")
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
+            "sparse categorical cross-entropy from logits (its output has no softmax)")
+
+# --- end of model kit ------------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -21,8 +21,11 @@ Expect: on a 2-core CPU with AVX512-BF16/AMX and no GPU, auto picks mixed_bfloat
         mixed_float16 on that CPU is ~300x slower (no oneDNN float16 path). On
         an NVIDIA GPU of compute capability 7.0+ auto picks mixed_float16.
 Copy:   this file alone works in any project with keras (TensorFlow or JAX
-        backend): run(Config(), "logs", ((x_train, y_train), (x_val, y_val))).
-        TensorFlow is optional: without it TensorBoard logging is skipped.
+        backend): run(Config(), "logs", ((x_train, y_train), (x_val, y_val)),
+        model=your_model) rebuilds your keras.Model under each policy (copies,
+        from its weights; a builder fn(input_shape, num_classes) works too;
+        leave it out for the recipe's CNN). TensorFlow is optional: without it
+        TensorBoard logging is skipped.
 """
 import contextlib
 import dataclasses
@@ -44,6 +47,7 @@ DATA = {"form": "arrays", "image_size": 64, "channels": 3, "examples": (8000, 20
 # it to ~0.995, and the easier default would only push both policies closer to 1.0, where
 # an accuracy difference between them cannot show.
 DEFAULT_DATASET = "shapes_hard"
+TAKES_MODEL = True  # run() takes model=: your keras.Model, rebuilt under each policy
 HEADLINE = ("policy", "examples_per_sec", "val_accuracy", "speedup", "val_accuracy_delta",
             "float32_val_accuracy", "loss_scale", "wall_time_s")
 POLICIES = ("mixed_float16", "mixed_bfloat16", "float32")
@@ -224,7 +228,8 @@ def build_model(input_shape, num_classes, filters=(32, 64, 128, 128), dense_unit
 def check_policy_applied(model, policy):
     """Raises if the model's layers do not compute in `policy` (e.g. a lost global policy)."""
     expected = keras.dtype_policies.DTypePolicy(policy).compute_dtype
-    got = {layer.dtype_policy.compute_dtype for layer in model.layers[:-1]}
+    got = {layer.dtype_policy.compute_dtype for layer in model.layers[:-1]
+           if not isinstance(layer, keras.layers.InputLayer)}
     if got != {expected}:
         raise RuntimeError(f"model layers compute in {sorted(got)}, not {expected} of {policy}: "
                            "was keras.utils.clear_session() called after setting the policy?")
@@ -289,21 +294,70 @@ def has_tensorflow():
         return False
 
 
+def under_policy(model, policy):
+    """A copy of `model`, with its weights, whose layers compute in `policy` and whose
+    output layer computes in float32 (so the loss is computed in float32).
+
+    Each layer is re-created from its config with the policy as its dtype: a
+    model's layers keep the dtype they were built with, whatever the global
+    policy says later. Call it under global_policy(policy), so that the model
+    itself (which compile asks about loss scaling) has the policy too.
+    """
+    last = model.layers[-1]
+
+    def recreate(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer is last else policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=recreate)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def policy_models(model, config, input_shape, num_classes):
+    """(make, reference): make(policy) -> (a model computing in policy, its loss, its
+    metrics), every one from the same weights; reference is the float32 model.
+
+    model: None (this recipe's CNN), a keras.Model (copied, never changed) or a
+    builder fn(input_shape, num_classes), called once under float32.
+    """
+    with global_policy("float32"):
+        if model is None:
+            reference = build_model(input_shape, num_classes, config.filters, config.dense_units)
+        elif isinstance(model, keras.Model):
+            reference = model
+        else:
+            reference = model(input_shape, num_classes)
+    if model is None:
+        weights = reference.get_weights()
+
+        def make(policy):
+            copy = build_model(input_shape, num_classes, config.filters, config.dense_units)
+            copy.set_weights(weights)
+            return copy, keras.losses.SparseCategoricalCrossentropy(), ["accuracy"]
+        return make, reference
+    print(f"your model: {reference.count_params():,} weights; loss: "
+          f"{classifier_loss(reference, num_classes)[2]}; rebuilt under each policy")
+
+    def make(policy):
+        loss, metrics, _ = classifier_loss(reference, num_classes)
+        return under_policy(reference, policy), loss, metrics
+    return make, reference
+
+
 class Trainee:
     """One model under one policy, trained an epoch at a time."""
 
-    def __init__(self, policy, config, input_shape, num_classes, initial_weights, log_dir,
-                 total_steps):
+    def __init__(self, policy, config, make_model, log_dir, total_steps):
         with global_policy(policy):  # layers and compile both read the global policy
-            self.model = build_model(input_shape, num_classes, config.filters, config.dense_units)
+            self.model, loss, metrics = make_model(policy)
             check_policy_applied(self.model, policy)
-            self.model.set_weights(initial_weights)
             learning_rate = config.learning_rate
             if config.cosine_decay:
                 learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
-            self.model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                               loss=keras.losses.SparseCategoricalCrossentropy(),
-                               metrics=["accuracy"])
+            self.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
+                               metrics=metrics)
         self.policy, self.history = policy, {}
         self.timer, self.guard = StepTimer(), PolicyGuard(policy)
         self.callbacks = [self.timer, self.guard]
@@ -427,49 +481,54 @@ def compare_verdict(recommended, reason, policy, speedup, noise=0.05):
 
 # --- the run ------------------------------------------------------------------------
 
-def check(config, data):
-    """ValueError (one line) for input that cannot run."""
+def num_classes_of(data):
+    (_, y_train), (_, y_val) = data
+    return int(max(np.max(y_train), np.max(y_val))) + 1
+
+
+def check(config, data, model=None):
+    """ValueError (one line) for input that cannot run, your model's output included."""
     (x_train, _), (x_val, _) = data
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("the dataset needs training and validation examples")
+    if isinstance(model, keras.Model):
+        classifier_loss(model, num_classes_of(data))
 
 
-def run(config, run_dir, data):
-    """Trains under the chosen policy (and float32 with --compare); returns flat metrics."""
+def run(config, run_dir, data, model=None):
+    """Trains under the chosen policy (and float32 with --compare); returns flat metrics.
+
+    model: None for this recipe's CNN, your keras.Model (rebuilt under each policy
+    from its weights; yours is never changed) or fn(input_shape, num_classes).
+    """
     start = time.perf_counter()
-    check(config, data)
+    check(config, data, model)
     (x_train, y_train), (x_val, y_val) = data
     x_train, x_val = np.asarray(x_train, "float32"), np.asarray(x_val, "float32")
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
-    num_classes = int(max(y_train.max(), y_val.max())) + 1
+    num_classes = num_classes_of(data)
     batch_size = min(config.batch_size, len(x_train))
-    if config.policy == "auto":
-        with global_policy("float32"):
-            probe = build_model(x_train.shape[1:], num_classes, config.filters, config.dense_units)
-        policy, reason = choose_policy(model=probe)
-        del probe
-    else:
-        policy, reason = config.policy, "asked for with --policy"
-    print(f"policy: {policy} ({reason}); backend: {keras.backend.backend()}")
-    recommended = policy
-    if config.compare and policy == "float32":  # float32 against itself would show nothing
-        policy = fastest_16bit_policy()
-        print(f"--compare: measuring {policy}, the fastest 16-bit policy here, against float32")
-    if not has_tensorflow():
-        print("note: TensorFlow is not installed, so no TensorBoard logs are written")
-
     previous = keras.mixed_precision.global_policy()
     try:
         keras.utils.clear_session()  # resets the global policy to float32: so it comes first
-        keras.utils.set_random_seed(config.seed)
-        with global_policy("float32"):
-            initial_weights = build_model(x_train.shape[1:], num_classes, config.filters,
-                                          config.dense_units).get_weights()
+        keras.utils.set_random_seed(config.seed)  # the initial weights every policy starts from
+        make_model, reference = policy_models(model, config, x_train.shape[1:], num_classes)
+        if config.policy == "auto":
+            policy, reason = choose_policy(model=reference)
+        else:
+            policy, reason = config.policy, "asked for with --policy"
+        print(f"policy: {policy} ({reason}); backend: {keras.backend.backend()}")
+        recommended = policy
+        if config.compare and policy == "float32":  # float32 against itself would show nothing
+            policy = fastest_16bit_policy()
+            print(f"--compare: measuring {policy}, the fastest 16-bit policy here, against float32")
+        if not has_tensorflow():
+            print("note: TensorFlow is not installed, so no TensorBoard logs are written")
         n = len(x_train) // batch_size * batch_size  # whole batches: equal step times
         if config.steps_per_epoch:
             n = min(n, config.steps_per_epoch * batch_size)
         policies = [policy] + (["float32"] if config.compare else [])
-        trainees = [Trainee(p, config, x_train.shape[1:], num_classes, initial_weights,
+        trainees = [Trainee(p, config, make_model,
                             os.path.join(run_dir, f"{p}_baseline" if i else p),
                             total_steps=config.epochs * n // batch_size)
                     for i, p in enumerate(policies)]
@@ -485,6 +544,8 @@ def run(config, run_dir, data):
                       + (" (baseline)" if t is not main else ""))
                 t.fit_epoch(epoch, x, y, (x_val, y_val), batch_size)
         results = [t.results(batch_size, config.warmup_steps) for t in trainees]
+        os.makedirs(run_dir, exist_ok=True)  # a drop-in caller's folder may not exist yet
+        model_file = write_atomically(os.path.join(run_dir, f"{policy}.keras"), main.model.save)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
@@ -512,8 +573,65 @@ def run(config, run_dir, data):
     for tip in tips:
         print("advice: " + tip)
     metrics["advice"] = " | ".join(tips) or "none"
+    metrics.update(model_params=reference.count_params(), model_file=model_file)
     metrics["wall_time_s"] = time.perf_counter() - start
     return metrics
+
+
+# --- model kit: the same text in every recipe that trains the user's model -------------
+# (run(model=...) takes a keras.Model, never changed, or fn(input_shape, num_classes);
+# tests/test_kit.py fails if a copy differs)
+
+def fresh_model(model, input_shape, num_classes):
+    """A model to train: a clone of a keras.Model with its weights (the user's own object
+    is never trained), or what the builder fn(input_shape, num_classes) returns."""
+    if isinstance(model, keras.Model):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model(input_shape, num_classes)
+
+
+def output_activation(model):
+    """The activation of the layer that makes the model's output: softmax, sigmoid, linear..."""
+    layer = model.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def classifier_loss(model, num_classes):
+    """(loss, metrics, why): the model's compiled loss and metrics (accuracy first), else
+    the loss its output implies. ValueError (one line) for an output that is not a
+    classifier of num_classes."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"the model has {len(model.outputs)} outputs; these recipes train "
+                         "one classifier output")
+    units, activation = int(model.outputs[0].shape[-1]), output_activation(model)
+    if units == 1 and activation != "sigmoid":
+        raise ValueError("the model ends in one linear unit, a regression output; these "
+                         "recipes train classifiers: end it with Dense(classes) or a sigmoid unit")
+    if units != num_classes and not (units == 1 and num_classes == 2):
+        raise ValueError(f"the model has {units} output units but the data has {num_classes} "
+                         "classes: they must match")
+    if units > 1 and activation == "sigmoid":
+        raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
+                         "train one class per example: end it with softmax or logits")
+    config = model.get_compile_config() or {}
+    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
+                              keras.metrics.deserialize(m)
+                              for m in config.get("metrics") or [] if m != "accuracy"]
+    if getattr(model, "loss", None) is not None:
+        return model.loss, metrics, "its own compiled loss"
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+    if activation == "softmax":
+        return (keras.losses.SparseCategoricalCrossentropy(), metrics,
+                "sparse categorical cross-entropy on its softmax output")
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
+            "sparse categorical cross-entropy from logits (its output has no softmax)")
+
+# --- end of model kit ------------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

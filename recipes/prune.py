@@ -67,6 +67,7 @@ sparsity = tfmot.sparsity.keras
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
+TAKES_MODEL = True  # --model=FILE is taken, and check() says why it cannot be pruned yet
 HEADLINE = ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
             "sparsity_measured", "baseline_gzip_bytes", "pruned_gzip_bytes",
             "compression_ratio", "tflite_gzip_bytes", "tflite_quant_gzip_bytes",
@@ -457,18 +458,24 @@ def format_table(m, per_layer, targets):
     return "\n".join(lines)
 
 
-def check(config, data):
-    """ValueError (one line) for input that cannot run: layer names, the pruning span."""
+def check(config, data, model=None):
+    """ValueError (one line) for input that cannot run: layer names, the pruning span, a
+    model of yours (tfmot prunes tf_keras models; prune_model() takes yours directly)."""
+    if model is not None:
+        raise ValueError("--model=FILE: tfmot, which this recipe prunes with, needs a tf_keras "
+                         "(Keras 2) model and cannot prune a Keras 3 one; --model=dense or conv "
+                         "picks the recipe's own, and prune_model(your_tf_keras_model, ...) "
+                         "prunes yours in Python")
     (x_train, y_train), _ = data
     model, _ = build_model(np.shape(x_train)[1:], int(np.max(y_train)) + 1, config.model)
     check_layer_names(model, config.prune_layers)
     pruning_steps(config, len(x_train))
 
 
-def run(config, run_dir, data):
+def run(config, run_dir, data, model=None):
     """Trains a baseline, prunes a copy, exports both; returns flat metrics for metrics.json."""
     start = time.perf_counter()
-    check(config, data)
+    check(config, data, model)
     tf_keras.utils.set_random_seed(config.seed)
     (x_train, y_train), (x_val, y_val) = data
     num_classes = int(np.max(y_train)) + 1

@@ -48,7 +48,9 @@ Expect: on the default shapes data (1,000 + 200 small 150x150 JPEGs, 2 shared
         alone is only ~10x), and streaming memory grew 1.3% with 4x the images.
 Copy:   this file alone works in any project with tensorflow, keras, tf-keras,
         pillow, scipy and psutil installed:
-        run(Config(), "logs", (train_dir, val_dir_or_None)).
+        run(Config(), "logs", (train_dir, val_dir_or_None), model=your_model)
+        (model= is optional: a keras.Model taking image_size x image_size RGB,
+        copied, or a builder fn(input_shape, num_classes)).
 
 Where ImageDataGenerator comes from: Keras 3 dropped it from
 `keras.preprocessing.image`; `tensorflow.keras.preprocessing.image` resolves to
@@ -96,6 +98,7 @@ FORMATS = ("JPEG", "PNG", "BMP")
 GENERATOR_AUGMENTATION = dict(rotation_range=20, width_shift_range=0.1, height_shift_range=0.1,
                               zoom_range=0.1, horizontal_flip=True, fill_mode="nearest")
 LOADERS = ("generator", "tf_data")
+TAKES_MODEL = True  # run() takes model=: your keras.Model, trained behind both loaders
 
 
 @dataclasses.dataclass
@@ -560,12 +563,13 @@ def tree_state(folder):
 _remembered = {}  # check()'s last result, under its folders, settings and folder state
 
 
-def check(config, data):
+def check(config, data, model=None):
     """What run() needs checked before any training: find_images() on data, remembered.
 
     data is (train_dir, val_dir or None). Raises ValueError (one line) for unusable
     data: a missing folder, fewer than two classes, an empty class, a bad file with
-    --on_bad_image=fail. The command line calls it before it makes the run folder,
+    --on_bad_image=fail; a model of yours that cannot take the images or classify
+    their classes. The command line calls it before it makes the run folder,
     and run() calls it again: while the folders, every file in them and the
     settings that matter are unchanged, the second call returns the first one's
     result instead of reading every file again. Returns (train Scan, validation
@@ -580,6 +584,13 @@ def check(config, data):
         _remembered.clear()  # a failed check leaves nothing behind
         result = find_images(train_dir, val_dir, config)
         _remembered.update(key=key, result=result)
+    if isinstance(model, keras.Model):  # yours: it must take RGB images and classify these
+        classifier_loss(model, len(_remembered["result"][0].class_names))
+        shape = tuple(model.inputs[0].shape[1:])
+        if shape[-1] != 3 or any(d not in (None, config.image_size) for d in shape[:2]):
+            raise ValueError(f"the model takes inputs shaped {shape}; this recipe feeds it "
+                             f"{config.image_size}x{config.image_size} RGB images "
+                             "(--image_size sets the size)")
     return _remembered["result"]
 
 
@@ -740,12 +751,11 @@ def measure_input(name, loader, config, steps):
     return out
 
 
-def fit_loader(name, loader, model, config, steps, n_train, n_val, log_dir):
+def fit_loader(name, loader, model, loss, metrics, config, steps, n_train, n_val, log_dir):
     """Fits `model` on one loader; returns its training measurements."""
     train_data, val_data, _ = loader
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=config.steps_per_execution)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+                  metrics=metrics, steps_per_execution=config.steps_per_execution)
     timer, sizes = StepTimer(), CallSizes(config.batch_size, n_train, steps)
     start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -795,10 +805,47 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run(config, run_dir, data):
-    """Checks the folder, measures each loader's input and training; returns flat metrics."""
+def takes_0_255(model):
+    """Whether the model's first layer (after its input) rescales or normalizes pixels
+    itself, so it wants them in 0-255 rather than the loaders' [0, 1]."""
+    first = next((layer for layer in model.layers
+                  if not isinstance(layer, keras.layers.InputLayer)), None)
+    return isinstance(first, (keras.layers.Rescaling, keras.layers.Normalization))
+
+
+def model_for_loaders(model, config, num_classes):
+    """make() -> (model, loss, metrics): fresh copies from the same weights, taking the
+    loaders' [0, 1] images. model: None (this recipe's CNN), a keras.Model (copied,
+    never changed) or fn(input_shape, num_classes)."""
+    shape = (config.image_size, config.image_size, 3)
+    if model is None:
+        reference, why = build_model(config.image_size, num_classes), None
+    else:
+        reference = model if isinstance(model, keras.Model) else model(shape, num_classes)
+        why = classifier_loss(reference, num_classes)[2]
+        print(f"your model: {reference.count_params():,} weights; loss: {why}; images reach it "
+              + ("in 0-255 (it begins by rescaling them)" if takes_0_255(reference)
+                 else "in [0, 1]"))
+
+    def make():
+        copy = fresh_model(reference, shape, num_classes)
+        if why is None:
+            return copy, "sparse_categorical_crossentropy", ["accuracy"]
+        if takes_0_255(reference):  # the loaders give [0, 1]: scale back up in front of it
+            copy = keras.Sequential([keras.Input(shape), keras.layers.Rescaling(255.0), copy])
+        loss, metrics, _ = classifier_loss(reference, num_classes)
+        return copy, loss, metrics
+    return make, reference
+
+
+def run(config, run_dir, data, model=None):
+    """Checks the folder, measures each loader's input and training; returns flat metrics.
+
+    model: None for this recipe's small CNN, your keras.Model (each loader trains a
+    copy from its weights; yours is never changed) or fn(input_shape, num_classes).
+    """
     start = time.perf_counter()
-    train, val, skipped, hidden = check(config, data)
+    train, val, skipped, hidden = check(config, data, model)
     report = describe_skipped(skipped, hidden)
     if report:
         print(report)
@@ -808,7 +855,7 @@ def run(config, run_dir, data):
     print(f"{len(train.paths)} training and {len(val.paths)} validation images in "
           f"{len(train.class_names)} classes; loaders: {', '.join(names)}; {steps} steps/epoch")
     keras.utils.set_random_seed(config.seed)
-    initial_weights = build_model(config.image_size, len(train.class_names)).get_weights()
+    make_model, reference = model_for_loaders(model, config, len(train.class_names))
     view_root = tempfile.mkdtemp(prefix="stream-view-")
     results = {name: {} for name in names}
     try:
@@ -819,11 +866,10 @@ def run(config, run_dir, data):
             results[name]["peak_rss_mb"] = rss.mb
         for name in names:
             print(f"\n== training with --loader={name} ==")
-            model = build_model(config.image_size, len(train.class_names))
-            model.set_weights(initial_weights)
+            copy, loss, metrics = make_model()
             with PeakRSS() as rss:
                 results[name].update(fit_loader(
-                    name, loaders[name], model, config, steps, len(train.paths),
+                    name, loaders[name], copy, loss, metrics, config, steps, len(train.paths),
                     len(val.paths), os.path.join(run_dir, name)))
             results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], rss.mb)
     finally:
@@ -842,8 +888,65 @@ def run(config, run_dir, data):
         train_images=len(train.paths), val_images=len(val.paths),
         num_classes=len(train.class_names), skipped_files=len(skipped),
         skipped_file_paths=[f"{path}: {reason}" for path, reason in skipped[:20]],
-        hidden_files=hidden, wall_time_s=time.perf_counter() - start)
+        hidden_files=hidden, model_params=reference.count_params(),
+        wall_time_s=time.perf_counter() - start)
     return metrics
+
+
+# --- model kit: the same text in every recipe that trains the user's model -------------
+# (run(model=...) takes a keras.Model, never changed, or fn(input_shape, num_classes);
+# tests/test_kit.py fails if a copy differs)
+
+def fresh_model(model, input_shape, num_classes):
+    """A model to train: a clone of a keras.Model with its weights (the user's own object
+    is never trained), or what the builder fn(input_shape, num_classes) returns."""
+    if isinstance(model, keras.Model):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model(input_shape, num_classes)
+
+
+def output_activation(model):
+    """The activation of the layer that makes the model's output: softmax, sigmoid, linear..."""
+    layer = model.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def classifier_loss(model, num_classes):
+    """(loss, metrics, why): the model's compiled loss and metrics (accuracy first), else
+    the loss its output implies. ValueError (one line) for an output that is not a
+    classifier of num_classes."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"the model has {len(model.outputs)} outputs; these recipes train "
+                         "one classifier output")
+    units, activation = int(model.outputs[0].shape[-1]), output_activation(model)
+    if units == 1 and activation != "sigmoid":
+        raise ValueError("the model ends in one linear unit, a regression output; these "
+                         "recipes train classifiers: end it with Dense(classes) or a sigmoid unit")
+    if units != num_classes and not (units == 1 and num_classes == 2):
+        raise ValueError(f"the model has {units} output units but the data has {num_classes} "
+                         "classes: they must match")
+    if units > 1 and activation == "sigmoid":
+        raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
+                         "train one class per example: end it with softmax or logits")
+    config = model.get_compile_config() or {}
+    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
+                              keras.metrics.deserialize(m)
+                              for m in config.get("metrics") or [] if m != "accuracy"]
+    if getattr(model, "loss", None) is not None:
+        return model.loss, metrics, "its own compiled loss"
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+    if activation == "softmax":
+        return (keras.losses.SparseCategoricalCrossentropy(), metrics,
+                "sparse categorical cross-entropy on its softmax output")
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
+            "sparse categorical cross-entropy from logits (its output has no softmax)")
+
+# --- end of model kit ------------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

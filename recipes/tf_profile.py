@@ -47,8 +47,10 @@ Expect: on the default shapes data (6,000 28x28 images, batch 64, 2 epochs,
         Time Series shows loss and monitor/* on one step/wall-time axis.
 Copy:   this file alone works in any project with tensorflow, keras, psutil
         and tensorboard-plugin-profile (for viewing the trace):
-        run(Config(), "logs", ((x_train, y_train), (x_val, y_val))). The file
-        is named tf_profile.py, not profile.py, so that it does not shadow the
+        run(Config(), "logs", ((x_train, y_train), (x_val, y_val)),
+        model=your_model) (model= is optional: a keras.Model, copied, or a
+        builder fn(input_shape, num_classes)). The file is named
+        tf_profile.py, not profile.py, so that it does not shadow the
         standard library's `profile` module (which cProfile imports).
 """
 import contextlib
@@ -67,6 +69,7 @@ import tensorflow as tf
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
+TAKES_MODEL = True  # run() takes model=: your keras.Model is traced instead of the CNN
 HEADLINE = ("input_wait_percent", "input_bound", "step_time_ms_p50", "input_wait_ms_p50",
             "examples_per_sec", "pipeline_headroom", "cpu_percent_mean", "rss_mb_max", "gpu_count",
             "val_accuracy", "wall_time_s")
@@ -384,8 +387,9 @@ def _ms(seconds, q):
     return 1000 * float(np.percentile(seconds, q))
 
 
-def check(config, data):
-    """(batch size, total steps) of the run; ValueError (one line) for input that cannot run."""
+def check(config, data, model=None):
+    """(batch size, total steps) of the run; ValueError (one line) for input that cannot run
+    (`model`, yours, included: its output must classify the data's classes)."""
     if keras.backend.backend() != "tensorflow":
         raise ValueError(f"the profile recipe needs Keras's TensorFlow backend, not "
                          f"{keras.backend.backend()}; set KERAS_BACKEND=tensorflow")
@@ -397,21 +401,39 @@ def check(config, data):
     if last > total_steps:
         raise ValueError(f"--profile_steps={first},{last} is past the run's {total_steps} steps "
                          f"({config.epochs} epochs x {steps_per_epoch}); lower it or raise --epochs")
+    if isinstance(model, keras.Model):
+        classifier_loss(model, num_classes_of(data))
     return batch_size, total_steps
 
 
-def run(config, run_dir, data):
-    """Trains with the profiler and the monitor on; returns flat metrics for metrics.json."""
+def num_classes_of(data):
+    (_, y_train), (_, y_val) = data
+    return max(2, int(max(np.max(y_train), np.max(y_val))) + 1)
+
+
+def run(config, run_dir, data, model=None):
+    """Trains with the profiler and the monitor on; returns flat metrics for metrics.json.
+
+    model: None for this recipe's small CNN, your keras.Model (a copy is traced and
+    trained; yours is never changed) or fn(input_shape, num_classes).
+    """
     start = time.perf_counter()
-    batch_size, total_steps = check(config, data)
+    batch_size, total_steps = check(config, data, model)
     keras.utils.set_random_seed(config.seed)
     (x_train, y_train), (x_val, y_val) = data
     first, last = config.profile_steps
-    num_classes = max(2, int(np.max(y_train)) + 1)
-    model = build_model(x_train.shape[1:], num_classes)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    num_classes = num_classes_of(data)
+    if model is None:
+        model = build_model(x_train.shape[1:], num_classes)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = ["accuracy"]
+    else:
+        user = model if isinstance(model, keras.Model) else model(x_train.shape[1:], num_classes)
+        loss_fn, metrics, why = classifier_loss(user, num_classes)
+        model = fresh_model(user, x_train.shape[1:], num_classes)
+        print(f"your model: {model.count_params():,} weights; loss: {why}")
     optimizer = keras.optimizers.Adam(config.learning_rate)
-    model.compile(optimizer=optimizer, loss=loss_fn, metrics=["accuracy"])
+    model.compile(optimizer=optimizer, loss=loss_fn, metrics=metrics)
     train_ds = make_dataset(x_train, y_train, batch_size, config.seed, config.input_delay_ms,
                             config.parallel_calls, config.prefetch)
     writer = tf.summary.create_file_writer(run_dir)
@@ -433,7 +455,7 @@ def run(config, run_dir, data):
         writer.close()  # flushes; the loss and monitor series stay even if training failed
     val_loss, val_accuracy = model.evaluate(
         make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False, repeat=False),
-        verbose=0)
+        verbose=0)[:2]  # loss and accuracy come first
 
     waits = np.array(steady(waits, config.warmup_steps))
     steps = np.array(steady(steps, config.warmup_steps))
@@ -471,8 +493,65 @@ def run(config, run_dir, data):
         **stats,
         "loss": losses[-1], "val_loss": float(val_loss), "val_accuracy": float(val_accuracy),
         "profile_trace": traces[-1] if traces else "",
+        "model_params": model.count_params(),
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+# --- model kit: the same text in every recipe that trains the user's model -------------
+# (run(model=...) takes a keras.Model, never changed, or fn(input_shape, num_classes);
+# tests/test_kit.py fails if a copy differs)
+
+def fresh_model(model, input_shape, num_classes):
+    """A model to train: a clone of a keras.Model with its weights (the user's own object
+    is never trained), or what the builder fn(input_shape, num_classes) returns."""
+    if isinstance(model, keras.Model):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model(input_shape, num_classes)
+
+
+def output_activation(model):
+    """The activation of the layer that makes the model's output: softmax, sigmoid, linear..."""
+    layer = model.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def classifier_loss(model, num_classes):
+    """(loss, metrics, why): the model's compiled loss and metrics (accuracy first), else
+    the loss its output implies. ValueError (one line) for an output that is not a
+    classifier of num_classes."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"the model has {len(model.outputs)} outputs; these recipes train "
+                         "one classifier output")
+    units, activation = int(model.outputs[0].shape[-1]), output_activation(model)
+    if units == 1 and activation != "sigmoid":
+        raise ValueError("the model ends in one linear unit, a regression output; these "
+                         "recipes train classifiers: end it with Dense(classes) or a sigmoid unit")
+    if units != num_classes and not (units == 1 and num_classes == 2):
+        raise ValueError(f"the model has {units} output units but the data has {num_classes} "
+                         "classes: they must match")
+    if units > 1 and activation == "sigmoid":
+        raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
+                         "train one class per example: end it with softmax or logits")
+    config = model.get_compile_config() or {}
+    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
+                              keras.metrics.deserialize(m)
+                              for m in config.get("metrics") or [] if m != "accuracy"]
+    if getattr(model, "loss", None) is not None:
+        return model.loss, metrics, "its own compiled loss"
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+    if activation == "softmax":
+        return (keras.losses.SparseCategoricalCrossentropy(), metrics,
+                "sparse categorical cross-entropy on its softmax output")
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
+            "sparse categorical cross-entropy from logits (its output has no softmax)")
+
+# --- end of model kit ------------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

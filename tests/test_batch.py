@@ -24,20 +24,31 @@ def test_sweep_reports_every_batch_size_and_picks_one(tmp_path, tiny_images):
     assert (tmp_path / "batch_8" / "train").is_dir() and (tmp_path / "sweep").is_dir()
 
 
-def test_every_batch_size_starts_from_the_same_weights(tmp_path, tiny_images, monkeypatch):
-    seen = []
-    original = batch.build_model
+@pytest.mark.parametrize("own", [False, True])
+def test_every_batch_size_starts_from_the_same_weights(tmp_path, tiny_images, monkeypatch, own):
+    import keras
+    starts = []  # the weights of each batch size's model as it is handed to training
+    original = batch.model_maker
 
-    def recording_build(*args):
-        model, loss = original(*args)
-        original_set = model.set_weights
-        model.set_weights = lambda w: (seen.append([a.copy() for a in w]), original_set(w))[1]
-        return model, loss
+    def recording_maker(*args):
+        make, reference = original(*args)
 
-    monkeypatch.setattr(batch, "build_model", recording_build)
-    batch.run(batch.Config(**TINY), str(tmp_path), tiny_images)
-    assert len(seen) == 2
-    assert all(np.array_equal(a, b) for a, b in zip(*seen))
+        def recording_make():
+            model, loss, metrics = make()
+            starts.append([w.copy() for w in model.get_weights()])
+            return model, loss, metrics
+        return recording_make, reference
+
+    monkeypatch.setattr(batch, "model_maker", recording_maker)
+    mine = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(10)]) if own else None
+    batch.run(batch.Config(**TINY), str(tmp_path), tiny_images, model=mine)
+    assert len(starts) == 2
+    for a, b in zip(*starts):
+        np.testing.assert_array_equal(a, b)
+    if own:  # from the user's own weights, which training left as they were
+        for a, b in zip(starts[0], mine.get_weights()):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_scale_lr_grows_learning_rate_with_batch_size(tmp_path, tiny_images):

@@ -51,8 +51,14 @@ def test_without_gpu_the_verdict_states_the_speedup_a_gpu_needs():
     assert "No GPU" in verdict and "more than 3.00x" in verdict and "under 4.00 s" in verdict
 
 
-def test_job_arithmetic_is_about_2_4_mflop_per_example():
-    assert device.flops_per_example(784, 500, 10) == pytest.approx(2.4e6, rel=0.01)
+def test_job_arithmetic_is_about_2_4_mflop_per_example_and_counts_convolutions():
+    job = device.build_model((28, 28, 1), 500, 10)
+    assert device.train_flops_per_example(job) == pytest.approx(2.4e6, rel=0.01)
+    import keras
+    conv = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, padding="same"),
+                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)])
+    # 256 output pixels x (3x3x3 inputs -> 8 channels), then 8 -> 4: 6 FLOP per weight use
+    assert device.train_flops_per_example(conv) == 6 * (256 * 27 * 8 + 8 * 4)
 
 
 @pytest.mark.parametrize("text", ["cpu=0.4,gpu=1.2", "cpu:abc,gpu:1", "cpu:0.4", "gpu:1.2",
