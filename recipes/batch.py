@@ -10,13 +10,15 @@ best.
 Run:    python main.py --recipe=batch --batch_sizes=32,64,128,256,512
 Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores, ~20 s), measured:
           batch   examples/s  val_acc        with --scale_lr: lr    val_acc
-             32       13,200   0.956                         1e-3   0.956
-             64       17,900   0.955                         2e-3   0.962
-            128       32,100   0.891                         4e-3   0.972
-            256       43,500   0.876                         8e-3   0.941
-            512       66,700   0.857                       1.6e-2   0.865
-        Throughput rises 5x from 32 to 512 while accuracy after 5 epochs
-        falls 10 points (fewer optimizer steps), so the pick is 64 (the
+             32       10,200   0.956                         1e-3   0.956
+             64       25,100   0.955                         2e-3   0.962
+            128       34,600   0.891                         4e-3   0.972
+            256       57,100   0.876                         8e-3   0.941
+            512       76,000   0.857                       1.6e-2   0.865
+        (examples/s = batch / median step, which moves by 10-20% between
+        runs on shared cores.) Throughput rises 7x from 32 to 512 while
+        accuracy after 5 epochs falls 10 points (fewer optimizer steps), so
+        the pick is 64 (the
         fastest within 1 point of the best). Linear scaling wins those points
         back up to 128 (the pick becomes 128 at 0.972), but past 4e-3 Adam
         overshoots on this MLP: the rule needs a warm-up or a cap with Adam,

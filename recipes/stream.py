@@ -33,14 +33,14 @@ Run:    python main.py --recipe=stream --compare
         python main.py --recipe=stream --loader=tf_data --cache=memory --augment
         python main.py --recipe=stream --compare --data_dir=FOLDER   # any class-folder tree
 Expect: on the default shapes data (1,000 + 200 small 150x150 JPEGs, 2 shared
-        CPU cores, ~15 s) --compare measured tf.data at 3.7x the generator's
-        input rate and 1.8x its training rate (2,032 vs 1,130 images/s), and
-        validation accuracy after 5 epochs 0.945 (tf.data) and 0.88
-        (generator: PIL's resize, not TensorFlow's, and another batch order);
-        the model is deliberately small so that the input pipeline shows.
-        With --cache=memory --augment, 7.6x in training (1,554 vs 205
-        images/s), accuracy 0.79 and 0.745 (augmented images are harder, and
-        5 epochs are few for them).
+        CPU cores, ~16 s) --compare measured tf.data at 3.2x the generator's
+        input rate and 1.7x its training rate (2,021 vs 1,215 images/s,
+        batch / median step), and validation accuracy after 5 epochs 0.945
+        (tf.data) and 0.88 (generator: PIL's resize, not TensorFlow's, and
+        another batch order); the model is deliberately small so that the
+        input pipeline shows. With --cache=memory --augment, 6.7x in training
+        (1,500 vs 223 images/s), accuracy 0.795 and 0.745 (augmented images
+        are harder, and 5 epochs are few for them).
         On 2,000 cats-vs-dogs photos (benchmarks/stream.py, steps_per_execution
         4, ~4 min) tf.data trained 3.0x faster than the generator with one
         worker and 2.3x faster than with two, augmented 5.0x faster (fused

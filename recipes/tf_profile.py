@@ -30,14 +30,15 @@ Run:    python main.py --recipe=profile --profile_steps=10,15
         python main.py --recipe=profile --input_delay_ms=20 --parallel_calls=0
                                             # the same input, parallel + prefetched
 Expect: on the default shapes data (6,000 28x28 images, batch 64, 2 epochs,
-        2 shared CPU cores, no GPU, ~6 s): about 6-8% of step time waits for
-        data (p50 0.4-0.6 ms, the cost of one eager next()), train step p50
-        about 7 ms, about 7,500 examples/s: compute-bound, and the pipeline
-        alone makes about 40x more batches than the step uses; val accuracy
-        0.987. --input_delay_ms=20 --prefetch=false: about 68% waits (p50
-        22 ms), input-bound, examples/s falls about 4x, headroom 0.5x.
+        2 shared CPU cores, no GPU, ~4 s): about 6% of step time waits for
+        data (p50 0.5 ms, the cost of one eager next()), train step p50
+        about 8 ms, about 7,700 examples/s (batch / median whole step):
+        compute-bound, and the pipeline alone makes about 40x more batches
+        than the step uses; val accuracy 0.987. --input_delay_ms=20
+        --prefetch=false: about 69% waits (p50 22 ms of a 31 ms step),
+        input-bound, examples/s falls about 4x (2,050), headroom 0.4x.
         --input_delay_ms=20 --parallel_calls=0 (AUTOTUNE, prefetched): the
-        wait falls to about 6% and examples/s comes back (7,000), but
+        wait falls to about 7% and examples/s comes back (7,200), but
         headroom is 0.8x: on 2 cores AUTOTUNE runs about two sleeps at once,
         so the input still nearly sets the pace. On
         Fashion-MNIST (--dataset=fashion_mnist --data_dir=..., 1 epoch):
