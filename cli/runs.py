@@ -133,9 +133,11 @@ def finish(run, metrics, headline, logdir):
     write_json_atomically(run.dir / "metrics.json", metrics)
     shown = [k for k in headline if k in metrics] or sorted(metrics)
     print(f"\nRun folder: {run.dir}")
+    width = max(map(len, shown), default=0)
     for key in shown:
         value = metrics[key]
-        print(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
+        shown_value = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  {key:<{width}} {shown_value}")
     print(f"See it: tensorboard --logdir {logdir}")
 
 

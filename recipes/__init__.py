@@ -52,7 +52,7 @@ RECIPES = {
     "transfer": ("recipes.transfer",
                  "VGG16 transfer learning: frozen base, cached features, fine-tuning"),
     "prune": ("recipes.prune",
-              "tfmot magnitude pruning that really shrinks the saved model (gzip, TFLite)"),
+              "magnitude pruning (Keras 3 or tfmot) that really shrinks the saved model"),
     "device": ("recipes.device",
                "the same job on CPU and each GPU, with time, cost and a verdict"),
     "profile": ("recipes.tf_profile",

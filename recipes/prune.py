@@ -1,98 +1,123 @@
-"""Magnitude pruning with tfmot that really shrinks the saved model.
+"""Magnitude pruning that really shrinks the saved model, on Keras 3 (any backend) or tfmot.
 
-Shows: train a small dense baseline, prune a copy of it to a target sparsity
-with tfmot's prune_low_magnitude (polynomial or constant schedule, optional
-block or 2:4 structured sparsity, only some layers if asked), strip the pruning
-wrappers, then measure what a user cares about: the fraction of exact zeros in
-each kernel beside the target, accuracy before and after, and the gzip size of
-the saved .h5, of a TFLite file and of a dynamic-range quantized TFLite file.
-The exported pruned model is reloaded and must predict like the in-memory one.
-The traps it handles: tfmot 0.8 only prunes tf_keras (Keras 2) models;
-prune_low_magnitude wraps the *same* layer objects, so the baseline is cloned
-first (else fine-tuning prunes the baseline too); PruningSummaries logs at the
-start of each epoch, so the final sparsity is logged here after fit; the
-default pruning frequency (100 steps) prunes nothing in a short run, so it is
-derived from the fine-tuning span; layers tfmot refuses (tf_keras Rescaling,
-RandomFlip, ...) are left dense and listed instead of failing the model.
-Optional: --clusters=8 then shares 8 values per kernel (tfmot's sparsity-
+Shows: train a small baseline (or take yours, as trained), prune a copy of it
+to a target sparsity per kernel (polynomial or constant schedule, optional
+block or m:n structure such as 2:4, only some layers if asked), strip the
+pruning machinery, fine-tune, then measure what a user cares about: the share
+of exact zeros in each kernel beside the target, accuracy before and after,
+and the gzip size of the saved model, of a TFLite file and of its int8
+variants. Every exported file is reloaded and must predict like the model in
+memory.
+Two engines, side by side (--engine):
+  keras  the default: Keras 3 alone, on the TensorFlow, JAX and PyTorch
+         backends. Each pruned kernel gets a mask, kept as a variable of the
+         optimizer (so a compiled JAX train step carries it), and a kernel
+         constraint, which Keras applies after every optimizer update on every
+         backend: on the schedule's steps it recomputes the mask from the
+         weights' magnitudes, and always multiplies the kernel by it, so pruned
+         weights are exact zeros and stay zero. A callback cannot do this on
+         JAX: inside fit the JAX trainer holds the weights outside the model.
+         Strip is a plain copy: no masks, no constraints, no optimizer. Prunes
+         Dense, EinsumDense, Conv1D/2D/3D and DepthwiseConv1D/2D kernels of any
+         Keras 3 model, yours included (--model=FILE.keras).
+  tfmot  TensorFlow Model Optimization's prune_low_magnitude, the reference: it
+         prunes only tf_keras (Keras 2) models. It is imported only when this
+         engine runs, so the file works without tfmot and tf-keras installed.
+The default layer choice is an expert's: kernels that hold less than
+--min_layer_share of the model's kernel weights stay dense (the tfmot guide's
+108-weight first conv saves nothing and costs accuracy), and are printed.
+Layers neither engine can prune are listed, not fatal.
+Exports: the .keras (keras) or .h5 (tfmot) file without the optimizer, whose
+slots would hide the zeros; on the TensorFlow backend a TFLite file and a
+dynamic-range int8 TFLite file; with the Keras engine also Keras' own
+model.quantize("int8") of the pruned model and its accuracy (Keras quantizes
+Dense and EinsumDense, not convolutions: the layers it left are named).
+Optional: --clusters=8 (tfmot) then shares 8 values per kernel (sparsity-
 preserving clustering), which gzip and int8 TFLite compress further.
 Run:    python main.py --recipe=prune
         python main.py --recipe=prune --sweep=0.5,0.7,0.8,0.9,0.95
         python main.py --recipe=prune --model=conv --dataset=mnist --data_dir=DIR
-Expect: on the default shapes data (6,000 28x28 images, 2 CPU cores) the run
-        takes about 20 s: the baseline MLP reaches 0.982 validation accuracy,
-        the pruned copy 0.973 (0.9 points lower) with every pruned kernel
-        exactly 80% zeros; the gzipped .h5 is 3.3x smaller (406 KB -> 122 KB)
-        and the int8 TFLite file 10x smaller (39 KB). --sweep=0.5,0.7,0.8,0.9,0.95
-        (~30 s) shows where pruning starts to cost: accuracy 0.991, 0.981,
-        0.973, 0.955, 0.856 for gzip ratios 1.7x, 2.5x, 3.3x, 5.2x, 7.8x (at
-        50% the pruned copy beats the baseline: its 4 fine-tuning epochs are
-        training too). For real digits, use --model=conv on MNIST: the benchmark
-        (benchmarks/prune.py, pruning only the Dense kernel) gets test accuracy
-        0.9783 -> 0.9792 at 80% sparsity (.h5 gzip 3.2x smaller) and 0.9724 at
-        90% (4.9x); its int8 TFLite file is 9.7x smaller than the dense .h5 at
-        80%, 13.7x with --clusters=8 and 14.6x at 90%. TensorBoard shows
-        loss/accuracy of the baseline and pruned runs, per-layer sparsity and
-        thresholds under pruned/metrics, and the sweep against sparsity.
-Copy:   this file alone works in any project with tensorflow, tf-keras and
-        tensorflow-model-optimization installed: build your model with
-        `import tf_keras`, then prune_model(...) / train(...) / strip_and_measure(...),
-        or run(Config(), "logs", ((x_train, y_train), (x_val, y_val))).
+        python main.py --recipe=prune --model=my_model.keras --data_dir=my_photos/
+        python main.py --recipe=prune --engine=tfmot       # the same on tfmot
+        KERAS_BACKEND=jax python main.py --recipe=prune
+Expect: on the default shapes data (6,000 28x28 images, dense model, 80%, 2 CPU
+        cores, ~15 s), measured: the output layer (0.6% of the kernel
+        weights) is left dense, dense_128 and dense_64 reach exactly 0.800
+        (0.795 over all kernels); accuracy 0.982 -> 0.978 (0.4 pt); .keras gzip
+        406,259 -> 124,485 bytes (3.26x); int8 TFLite 41,459 (9.8x); Keras
+        int8 41,320 at 0.978. KERAS_BACKEND=jax: 0.977 -> 0.978, 3.28x;
+        --engine=tfmot: 0.988 -> 0.983, 3.2x. The sweep:
+           target  measured  accuracy  drop pts  gzip bytes  ratio
+             0.50     0.500    0.9830     -0.10     243,354   1.67
+             0.70     0.700    0.9860     -0.40     165,385   2.46
+             0.80     0.800    0.9780      0.40     124,485   3.26
+             0.90     0.900    0.9740      0.80      80,732   5.03
+             0.95     0.950    0.9600      2.20      56,106   7.24
+        Accuracy holds to 90%; at 95% it falls. On the tfmot guide's MNIST
+        model (benchmarks/prune.py), both engines lose <= 0.1 pt at 80%
+        (guide: 0.7) and ~0.7 pt at 90% (guide: 3.0), int8 TFLite 14x.
+Copy:   this file alone works in any Keras 3 project (TensorFlow, JAX or
+        PyTorch backend; numpy): run(Config(), "logs", ((x_train, y_train),
+        (x_val, y_val)), model=your_model) prunes a copy of your trained
+        keras.Model (or of a builder fn(input_shape, num_classes)'s; leave it
+        out for the built-in dense/conv models). In your own training loop:
+        pruned, masks = prune_model(model, Schedule(...), optimizer, loss,
+        layer_names=choose_layers(model)[0]); pruned.fit(...);
+        strip_pruning(pruned). The tfmot engine needs tf-keras and
+        tensorflow-model-optimization; TFLite export and TensorBoard logs need
+        TensorFlow.
 """
+import contextlib
 import dataclasses
 import gzip
+import io
 import math
 import os
 import time
 import typing
 import warnings
 
-import keras  # Keras 3: only the measuring kit's StepTimer, at the end of this file
+import keras
 import numpy as np
-import tensorflow as tf
-
-# tfmot 0.8 prunes only tf_keras (Keras 2) models: every model in this file is
-# built with `tf_keras`, never with Keras 3's `keras` (or TensorFlow's keras alias, whose
-# meaning tfmot flips). Importing tfmot also sets TF_USE_LEGACY_KERAS=1 for the
-# whole process; it is put back so other code in the process keeps Keras 3.
-_LEGACY_KERAS_ENV = os.environ.get("TF_USE_LEGACY_KERAS")
-import tf_keras  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
-
-if _LEGACY_KERAS_ENV is None:
-    os.environ.pop("TF_USE_LEGACY_KERAS", None)
-else:
-    os.environ["TF_USE_LEGACY_KERAS"] = _LEGACY_KERAS_ENV
-sparsity = tfmot.sparsity.keras
+from keras import ops
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
-TAKES_MODEL = True  # --model=FILE is taken, and check() says why it cannot be pruned yet
-HEADLINE = ("baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
-            "sparsity_measured", "baseline_gzip_bytes", "pruned_gzip_bytes",
-            "compression_ratio", "tflite_gzip_bytes", "tflite_quant_gzip_bytes",
-            "tflite_quant_compression_ratio", "wall_time_s")
+TAKES_MODEL = True  # run() takes model=: your keras.Model (Keras engine), pruned from a copy
+HEADLINE = ("engine", "baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
+            "sparsity_measured", "model_sparsity", "baseline_gzip_bytes", "pruned_gzip_bytes",
+            "compression_ratio", "tflite_quant_gzip_bytes", "tflite_quant_compression_ratio",
+            "wall_time_s")
+ENGINES = ("keras", "tfmot")
 
 
 @dataclasses.dataclass
 class Config:
-    model: typing.Literal["dense", "conv"] = "dense"  # dense: Flatten-Dense(128)-Dense(64)-out; conv: the tfmot guide's MNIST model
-    baseline_epochs: int = 10  # epochs to train the unpruned baseline
+    engine: typing.Literal["keras", "tfmot"] = "keras"  # keras: Keras 3 alone, any backend;
+    # tfmot: TensorFlow Model Optimization on tf_keras models, the reference
+    model: typing.Literal["dense", "conv"] = "dense"  # the built-in model (or --model=FILE):
+    # dense: Flatten-Dense(128)-Dense(64)-out; conv: the tfmot guide's MNIST model
+    baseline_epochs: int | None = None  # epochs to train the baseline before pruning; default:
+    # 10 for a built-in model, 0 for yours (taken as trained)
     epochs: int = 4  # fine-tuning epochs of the pruned copy (the pruning schedule runs in them)
     batch_size: int = 64  # examples per training step
     learning_rate: float = 1e-3  # Adam learning rate of the baseline
     finetune_learning_rate: float = 1e-3  # Adam learning rate while pruning
-    schedule: typing.Literal["polynomial", "constant"] = "polynomial"  # polynomial: initial -> final sparsity; constant: final from begin_step
+    schedule: typing.Literal["polynomial", "constant"] = "polynomial"  # polynomial: initial ->
+    # final sparsity; constant: final from begin_step
     initial_sparsity: float = 0.5  # sparsity at begin_step (polynomial schedule)
     final_sparsity: float = 0.8  # target fraction of zeros in each pruned kernel
     begin_step: int = 0  # fine-tuning step where pruning starts
-    end_step: int | None = None  # step where the target is reached; default: the last fine-tuning step
-    frequency: int | None = None  # prune every N steps; default: about 10 times between begin and end
+    end_step: int | None = None  # step where the target is reached; default: the last step
+    frequency: int | None = None  # prune every N steps; default: about 10 times in the span
     block_size: tuple[int, ...] | None = None  # e.g. 1,4: prune 2-D kernels in blocks of this shape
-    sparsity_m_by_n: tuple[int, ...] | None = None  # e.g. 2,4: structured m zeros in every n weights
-    prune_layers: tuple[str, ...] | None = None  # names of layers to prune (default: all that tfmot can wrap)
-    clusters: int = 0  # after pruning, share N distinct values per kernel, zeros kept (tfmot clustering); 0: off
-    sweep: tuple[float, ...] | None = None  # e.g. 0.5,0.7,0.8,0.9,0.95: also prune to each and compare
+    sparsity_m_by_n: tuple[int, ...] | None = None  # e.g. 2,4: m zeros in every n weights
+    prune_layers: tuple[str, ...] | None = None  # names of layers to prune (default: every
+    # prunable kernel that holds at least --min_layer_share of the kernel weights)
+    min_layer_share: float = 0.01  # default layer choice: kernels holding less than this share
+    # of the model's kernel weights stay dense (they save little and cost accuracy)
+    clusters: int = 0  # tfmot: after pruning, share N values per kernel, zeros kept; 0: off
+    sweep: tuple[float, ...] | None = None  # e.g. 0.5,0.7,0.8,0.9,0.95: also prune to each
     steps_per_epoch: int | None = None  # optional cap on training steps per epoch
     seed: int = 0  # initial weights and shuffling
 
@@ -106,8 +131,9 @@ class Config:
                              f"--final_sparsity ({self.final_sparsity})")
         if self.sweep is not None and not all(0 < s < 1 for s in self.sweep):
             raise ValueError(f"--sweep values must be sparsities in (0, 1), got {self.sweep}")
-        if self.baseline_epochs < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--baseline_epochs, --epochs and --batch_size must be >= 1")
+        if (self.baseline_epochs is not None and self.baseline_epochs < 0) or self.epochs < 1 \
+                or self.batch_size < 1:
+            raise ValueError("--epochs and --batch_size must be >= 1, --baseline_epochs >= 0")
         if self.learning_rate <= 0 or self.finetune_learning_rate <= 0:
             raise ValueError("--learning_rate and --finetune_learning_rate must be > 0")
         if self.begin_step < 0 or (self.end_step is not None and self.end_step <= self.begin_step):
@@ -115,8 +141,13 @@ class Config:
                              f"{self.begin_step}..{self.end_step}")
         if self.clusters < 0 or self.clusters == 1:
             raise ValueError(f"--clusters must be 0 (off) or >= 2, got {self.clusters}")
+        if self.clusters and self.engine != "tfmot":
+            raise ValueError("--clusters is tfmot's sparsity-preserving clustering: add "
+                             "--engine=tfmot")
         if self.frequency is not None and self.frequency < 1:
             raise ValueError(f"--frequency must be >= 1, got {self.frequency}")
+        if not 0 <= self.min_layer_share < 1:
+            raise ValueError(f"--min_layer_share must be in [0, 1), got {self.min_layer_share}")
         if self.block_size is not None and (len(self.block_size) != 2 or min(self.block_size) < 1):
             raise ValueError(f"--block_size must be two positive integers like 1,4, "
                              f"got {','.join(map(str, self.block_size))}")
@@ -130,155 +161,346 @@ class Config:
                                  "combined with --block_size or --sweep")
 
 
-# --- the model -----------------------------------------------------------------
+# --- the built-in models ----------------------------------------------------------------
 
-def build_model(input_shape, num_classes, kind="dense"):
-    """A tf_keras classifier and its loss: logits for >2 classes, a sigmoid unit for 2.
+def build_model(input_shape, num_classes, kind="dense", api=keras):
+    """A classifier and its loss: logits for >2 classes, a sigmoid unit for 2.
 
     dense: Flatten -> Dense(128) -> Dense(64) -> output (the classic recipe);
     conv:  Conv2D(12, 3) -> MaxPool -> Flatten -> output (the tfmot guide's MNIST model).
+    `api` is keras (Keras 3) or tf_keras (for the tfmot engine): the same model.
     """
-    binary = num_classes <= 2
+    binary, layers = num_classes <= 2, api.layers
     if kind == "dense":
-        body = [tf_keras.layers.Flatten(name="flatten"),
-                tf_keras.layers.Dense(128, activation="relu", name="dense_128"),
-                tf_keras.layers.Dense(64, activation="relu", name="dense_64")]
+        body = [layers.Flatten(name="flatten"),
+                layers.Dense(128, activation="relu", name="dense_128"),
+                layers.Dense(64, activation="relu", name="dense_64")]
     else:
-        body = [tf_keras.layers.Conv2D(12, 3, activation="relu", name="conv"),
-                tf_keras.layers.MaxPooling2D(2, name="pool"),
-                tf_keras.layers.Flatten(name="flatten")]
-    head = (tf_keras.layers.Dense(1, activation="sigmoid", name="output") if binary
-            else tf_keras.layers.Dense(num_classes, name="output"))
-    model = tf_keras.Sequential([tf_keras.Input(shape=input_shape), *body, head], name=kind)
-    loss = (tf_keras.losses.BinaryCrossentropy() if binary
-            else tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        body = [layers.Conv2D(12, 3, activation="relu", name="conv"),
+                layers.MaxPooling2D(2, name="pool"), layers.Flatten(name="flatten")]
+    head = (layers.Dense(1, activation="sigmoid", name="output") if binary
+            else layers.Dense(num_classes, name="output"))
+    model = api.Sequential([api.Input(shape=input_shape), *body, head], name=kind)
+    loss = (api.losses.BinaryCrossentropy() if binary
+            else api.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, loss
 
 
-def check_tf_keras_model(model):
-    """Raises TypeError with the fix when `model` is not a tf_keras Sequential/functional model."""
-    if isinstance(model, tf_keras.Model):
-        return
-    kind = f"{type(model).__module__}.{type(model).__name__}"
-    if type(model).__module__.startswith("keras"):
-        raise TypeError(
-            f"prune_model needs a tf_keras (Keras 2) model, got a Keras 3 model ({kind}): "
-            "tfmot 0.8 cannot prune Keras 3 models. Build it with `import tf_keras` "
-            "(tf_keras.Sequential / tf_keras.layers.*) instead of `import keras`.")
-    raise TypeError(f"prune_model needs a tf_keras model, got {kind}")
+# --- which kernels to prune -------------------------------------------------------------
+
+PRUNABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
+            keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv1D,
+            keras.layers.DepthwiseConv2D)
+# Layers with weights that no one prunes by magnitude: not worth a "left dense" line.
+NOT_PRUNED = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
+              "Normalization", "InputLayer")
 
 
-# --- pruning -------------------------------------------------------------------
-
-def make_schedule(kind, initial_sparsity, final_sparsity, begin_step, end_step, frequency):
-    """tfmot's PolynomialDecay (initial -> final over begin..end) or ConstantSparsity."""
-    if kind == "constant":
-        return sparsity.ConstantSparsity(final_sparsity, begin_step=begin_step,
-                                         end_step=end_step, frequency=frequency)
-    return sparsity.PolynomialDecay(initial_sparsity=initial_sparsity,
-                                    final_sparsity=final_sparsity, begin_step=begin_step,
-                                    end_step=end_step, frequency=frequency)
+def all_layers(model):
+    """Every layer of `model`, the layers of nested models included, in order."""
+    found = []
+    for layer in model.layers:
+        found += all_layers(layer) if hasattr(layer, "layers") else [layer]
+    return found
 
 
-def default_frequency(begin_step, end_step, times=10):
-    """The largest divisor of the span that still prunes ~`times` times.
+def kernel_of(layer):
+    """The weight tensor magnitude pruning thins out, or None where it does not apply.
 
-    tfmot prunes only when (step - begin_step) % frequency == 0, so a span that
-    is not a multiple of the frequency never applies the final sparsity.
+    Works on Keras 3 layers (variables) and tf_keras layers alike.
     """
-    span = end_step - begin_step
-    return max(f for f in range(1, max(1, span // times) + 1) if span % f == 0)
-
-
-def _m_by_n_fits(layer, m_by_n):
-    """tfmot groups m:n along a kernel's input channels; it silently skips other shapes."""
     kernel = getattr(layer, "kernel", None)
-    if kernel is None:
-        return True
-    shape = kernel.shape
-    channels_in = shape[0] if len(shape) == 2 else shape[-2] if len(shape) == 4 else None
-    return channels_in is not None and channels_in % m_by_n[1] == 0
+    if kernel is None or not (isinstance(layer, PRUNABLE) or _is_tf_keras_prunable(layer)):
+        return None
+    return kernel
 
 
-def check_layer_names(model, layer_names):
-    """Raises ValueError naming the unknown layers and the model's own."""
-    names = [layer.name for layer in model.layers]
-    unknown = sorted(set(layer_names or ()) - set(names))
-    if unknown:
-        raise ValueError(f"--prune_layers: no layer named {', '.join(unknown)}; "
-                         f"the model has {', '.join(names)}")
+def _is_tf_keras_prunable(layer):
+    return (type(layer).__module__.startswith("tf_keras")
+            and type(layer).__name__ in ("Dense", "Conv1D", "Conv2D", "Conv3D",
+                                         "DepthwiseConv2D"))
 
 
-def prune_model(model, schedule, block_size=None, sparsity_m_by_n=None, layer_names=None):
-    """Wraps a *copy* of `model` for pruning; the model passed in is never changed.
+def choose_layers(model, layer_names=None, min_share=0.01, sparsity_m_by_n=None,
+                  block_size=None):
+    """(names of the layers to prune, {layer name: why it stays dense}).
 
-    Returns (pruned_model, pruned_layer_names, left_dense) where left_dense maps
-    a layer name to why it stays dense (tfmot refused it, or m:n does not fit
-    its shape). tfmot's prune_low_magnitude(model) would wrap the same layer
-    objects, so fine-tuning would prune the original too: hence the clone.
+    Named layers if `layer_names` is given; otherwise every prunable kernel
+    that holds at least `min_share` of the model's kernel weights. A layer
+    whose kernel does not fit the structure (m:n groups along its input axis,
+    2-D blocks) stays dense, as does a weighted layer that has no such kernel.
     """
-    check_tf_keras_model(model)
-    check_layer_names(model, layer_names)
+    layers = all_layers(model)
+    sizes = {layer.name: int(np.prod(kernel_of(layer).shape)) for layer in layers
+             if kernel_of(layer) is not None}
+    total = max(sum(sizes.values()), 1)
+    chosen, dense = [], {}
+    for layer in layers:
+        if layer_names is not None and layer.name not in layer_names:
+            continue
+        kernel = kernel_of(layer)
+        if kernel is None:
+            if layer.weights and (layer_names or type(layer).__name__ not in NOT_PRUNED):
+                dense[layer.name] = f"{type(layer).__name__} has no kernel to prune by magnitude"
+            continue
+        shape, share = tuple(kernel.shape), sizes[layer.name] / total
+        if layer_names is None and share < min_share:
+            dense[layer.name] = (f"holds {share:.1%} of the kernel weights, under "
+                                 f"--min_layer_share={min_share:g}: pruning it saves little")
+        elif sparsity_m_by_n and (len(shape) < 2 or shape[-2] % sparsity_m_by_n[1]):
+            dense[layer.name] = (f"{sparsity_m_by_n[0]}:{sparsity_m_by_n[1]} groups along the "
+                                 f"input axis do not fit its kernel {shape}")
+        elif block_size and (len(shape) != 2 or shape[0] % block_size[0]
+                             or shape[1] % block_size[1]):
+            dense[layer.name] = (f"{block_size[0]}x{block_size[1]} blocks do not tile its "
+                                 f"kernel {shape}")
+        else:
+            chosen.append(layer.name)
+    return chosen, dense
+
+
+# --- the Keras 3 engine: a mask per kernel, applied by its constraint -------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When and how far to prune, in training steps counted from 1 (as tfmot counts).
+
+    polynomial: tfmot's PolynomialDecay, initial -> final sparsity over begin..end
+    (power 3: fast at first, gently at the end); constant: final from begin.
+    Pruning happens on steps begin, begin + frequency, ... up to end.
+    """
+    kind: str
+    initial: float
+    final: float
+    begin: int
+    end: int
+    frequency: int
+
+    def sparsity(self, step):
+        """The target at `step` (a tensor inside a train step)."""
+        if self.kind == "constant":
+            return ops.convert_to_tensor(self.final, "float32")
+        progress = ops.clip((ops.cast(step, "float32") - self.begin) / (self.end - self.begin),
+                            0.0, 1.0)
+        return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+
+    def due(self, step):
+        """Whether `step` recomputes the masks."""
+        return ops.logical_and(ops.logical_and(step >= self.begin, step <= self.end),
+                               (step - self.begin) % self.frequency == 0)
+
+
+def _keep_largest(scores, sparsity):
+    """1 for all but the `sparsity` share of scores that are smallest, 0 for those."""
+    flat = ops.reshape(scores, (-1,))
+    pruned = ops.cast(ops.round(sparsity * flat.shape[0]), "int32")
+    ranks = ops.argsort(ops.argsort(flat))  # 0 for the smallest score
+    return ops.reshape(ops.cast(ranks >= pruned, scores.dtype), scores.shape)
+
+
+def magnitude_mask(weights, mask, sparsity, block_size=None, sparsity_m_by_n=None):
+    """The new mask: the weights of largest magnitude kept, the rest 0.
+
+    Scores are |weights x old mask|, so a weight pruned once stays pruned while
+    the schedule only raises the sparsity. m:n keeps the n - m largest of
+    every n weights along the input axis (the axis before the last); blocks
+    are scored by their mean magnitude.
+    """
+    scores = ops.abs(weights * mask)
+    if sparsity_m_by_n:
+        m, n = sparsity_m_by_n
+        moved = ops.moveaxis(scores, -2, -1)  # the input axis last, in groups of n
+        groups = ops.reshape(moved, (-1, n))
+        keep = ops.cast(ops.argsort(ops.argsort(groups, axis=-1), axis=-1) >= m, scores.dtype)
+        return ops.moveaxis(ops.reshape(keep, moved.shape), -1, -2)
+    if block_size:
+        (rows, cols), (bh, bw) = scores.shape, block_size
+        blocks = ops.mean(ops.reshape(scores, (rows // bh, bh, cols // bw, bw)), axis=(1, 3))
+        keep = _keep_largest(blocks, sparsity)
+        return ops.repeat(ops.repeat(keep, bh, axis=0), bw, axis=1)
+    return _keep_largest(scores, sparsity)
+
+
+class MagnitudeMask(keras.constraints.Constraint):
+    """A kernel's pruning, run by Keras after every optimizer update (on every backend).
+
+    On the schedule's steps it recomputes the mask from the weights; always it
+    returns the weights times the mask, so pruned weights are exact zeros after
+    every update. The mask and the step count are optimizer variables, which a
+    compiled train step carries (on JAX as part of its state).
+    """
+
+    def __init__(self, mask, iterations, schedule, block_size=None, sparsity_m_by_n=None,
+                 previous=None):
+        self.mask, self.iterations, self.schedule = mask, iterations, schedule
+        self.block_size, self.sparsity_m_by_n, self.previous = block_size, sparsity_m_by_n, previous
+
+    def __call__(self, weights):
+        if self.previous is not None:  # the layer's own constraint still applies
+            weights = self.previous(weights)
+        step = ops.cast(self.iterations, "int32") + 1  # this update's step, counted from 1
+
+        def recomputed():
+            return magnitude_mask(weights, self.mask, self.schedule.sparsity(step),
+                                  self.block_size, self.sparsity_m_by_n)
+
+        mask = ops.cond(self.schedule.due(step), recomputed,
+                        lambda: ops.convert_to_tensor(self.mask))
+        self.mask.assign(mask)
+        return weights * mask
+
+
+def prune_model(model, schedule, optimizer, loss, metrics=("accuracy",), layer_names=None,
+                block_size=None, sparsity_m_by_n=None):
+    """(a compiled copy of `model` that prunes while it trains, {layer name: mask}).
+
+    `model` is never changed. The copy starts from its weights; fit it, then
+    strip_pruning() it. layer_names default: choose_layers(model).
+    """
+    if layer_names is None:
+        layer_names = choose_layers(model, sparsity_m_by_n=sparsity_m_by_n,
+                                    block_size=block_size)[0]
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    copy.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    if not copy.optimizer.built:
+        copy.optimizer.build(copy.trainable_variables)
+    masks = {}
+    for layer in all_layers(copy):
+        if layer.name in layer_names:
+            kernel = kernel_of(layer)
+            masks[layer.name] = copy.optimizer.add_variable(
+                kernel.shape, initializer="ones", dtype=kernel.dtype,
+                name=f"prune_mask_{layer.name}")
+            kernel.constraint = MagnitudeMask(masks[layer.name], copy.optimizer.iterations,
+                                              schedule, block_size, sparsity_m_by_n,
+                                              kernel.constraint)
+    return copy, masks
+
+
+def strip_pruning(model):
+    """A plain copy of a pruned model, its zeros kept: no masks, no constraints, no
+    optimizer (a fresh model from its config, holding its weights)."""
+    plain = model.__class__.from_config(model.get_config())
+    plain.set_weights(model.get_weights())
+    return plain
+
+
+def measure_sparsity(model, layer_names):
+    """({layer: share of exact zeros in its kernel}, that share over those kernels,
+    the share over every prunable kernel of the model)."""
+    per_layer, zeros, total, model_zeros, model_total = {}, 0, 0, 0, 0
+    for layer in all_layers(model):
+        kernel = kernel_of(layer)
+        if kernel is None:
+            continue
+        values = np.asarray(kernel)  # a Keras 3 or a tf_keras variable
+        model_zeros, model_total = model_zeros + int(np.sum(values == 0)), model_total + values.size
+        if layer.name in layer_names:
+            per_layer[layer.name] = float(np.mean(values == 0))
+            zeros, total = zeros + int(np.sum(values == 0)), total + values.size
+    return per_layer, zeros / max(total, 1), model_zeros / max(model_total, 1)
+
+
+class PruningLog(keras.callbacks.Callback):
+    """Each pruned layer's sparsity and threshold (its smallest kept |weight|), per epoch
+    into TensorBoard (`<layer>/sparsity`, `<layer>/threshold`): the last epoch's are the
+    final values. Weights are read at epoch ends, where every backend has them."""
+
+    def __init__(self, log_dir, layer_names):
+        super().__init__()
+        self.log_dir, self.layer_names = log_dir, layer_names
+
+    def on_epoch_end(self, epoch, logs=None):
+        tf = _tensorflow()
+        if tf is None:
+            return
+        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        writer = tf.summary.create_file_writer(self.log_dir)
+        with writer.as_default():
+            for layer in all_layers(self.model):
+                if layer.name in self.layer_names:
+                    values = np.abs(ops.convert_to_numpy(kernel_of(layer)))
+                    tf.summary.scalar(f"{layer.name}/sparsity", float(np.mean(values == 0)), step)
+                    kept = values[values > 0]
+                    tf.summary.scalar(f"{layer.name}/threshold",
+                                      float(kept.min()) if kept.size else 0.0, step)
+        writer.close()
+
+
+# --- the tfmot engine: tf_keras models, imported only when it runs -----------------------
+
+def _tfmot():
+    """(tf_keras, tensorflow_model_optimization), imported on first use.
+
+    tfmot 0.8 prunes only tf_keras (Keras 2) models, and importing it sets
+    TF_USE_LEGACY_KERAS=1 for the whole process, which flips what TensorFlow's
+    keras alias means; it is put back, so the rest of the process keeps Keras 3.
+    """
+    previous = os.environ.get("TF_USE_LEGACY_KERAS")
+    try:
+        import tf_keras
+        import tensorflow_model_optimization as tfmot
+    except ImportError as e:
+        raise ValueError(f"--engine=tfmot needs tf-keras and tensorflow-model-optimization "
+                         f"({e}); --engine=keras needs neither") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TF_USE_LEGACY_KERAS", None)
+        else:
+            os.environ["TF_USE_LEGACY_KERAS"] = previous
+    return tf_keras, tfmot
+
+
+def tfmot_schedule(schedule):
+    """The tfmot schedule object for a Schedule."""
+    sparsity = _tfmot()[1].sparsity.keras
+    if schedule.kind == "constant":
+        return sparsity.ConstantSparsity(schedule.final, begin_step=schedule.begin,
+                                         end_step=schedule.end, frequency=schedule.frequency)
+    return sparsity.PolynomialDecay(initial_sparsity=schedule.initial,
+                                    final_sparsity=schedule.final, begin_step=schedule.begin,
+                                    end_step=schedule.end, frequency=schedule.frequency)
+
+
+def tfmot_prune_model(model, schedule, layer_names, block_size=None, sparsity_m_by_n=None):
+    """Wraps a *copy* of tf_keras `model` in tfmot's prune_low_magnitude for the named layers.
+
+    Returns (pruned copy, {layer: why tfmot left it dense}). tfmot's
+    prune_low_magnitude(model) wraps the same layer objects, so fine-tuning
+    would prune the original too: hence the clone.
+    """
+    tf_keras, tfmot = _tfmot()
+    if not isinstance(model, tf_keras.Model):
+        raise ValueError("--engine=tfmot prunes tf_keras (Keras 2) models only, and this is a "
+                         "Keras 3 model: use --engine=keras (the default)")
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    params = {"pruning_schedule": schedule}
+    params = {"pruning_schedule": tfmot_schedule(schedule)}
     if block_size is not None:
         params["block_size"] = tuple(block_size)
     if sparsity_m_by_n is not None:
         params["sparsity_m_by_n"] = tuple(sparsity_m_by_n)
-    pruned, left_dense = [], {}
+    left_dense = {}
 
     def wrap(layer):
         if isinstance(layer, tf_keras.layers.InputLayer):
             return layer.__class__.from_config(layer.get_config())
-        if layer_names is not None and layer.name not in layer_names:
-            return layer
-        if sparsity_m_by_n is not None and not _m_by_n_fits(layer, sparsity_m_by_n):
-            left_dense[layer.name] = (f"{sparsity_m_by_n[0]}:{sparsity_m_by_n[1]} does not fit "
-                                      f"its kernel {tuple(layer.kernel.shape)}")
+        if layer.name not in layer_names:
             return layer
         try:
-            wrapped = sparsity.prune_low_magnitude(layer, **params)
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, **params)
         except ValueError as e:  # a layer tfmot cannot wrap (Rescaling, RandomFlip, custom...)
             left_dense[layer.name] = f"tfmot cannot wrap {type(layer).__name__}: {str(e)[:60]}..."
             return layer
-        if layer.weights:
-            pruned.append(layer.name)
-        return wrapped
 
-    # The wrappers hold the copy's layers, trained weights included.
-    return tf_keras.models.clone_model(copy, clone_function=wrap), pruned, left_dense
+    return tf_keras.models.clone_model(copy, clone_function=wrap), left_dense
 
 
-def strip_and_measure(pruned_model, layer_names):
-    """strip_pruning, then the fraction of exact zeros in each pruned layer's kernel.
-
-    Returns (stripped_model, {layer: sparsity}, overall sparsity of those kernels).
-    """
-    stripped = sparsity.strip_pruning(pruned_model)
-    return (stripped, *measure_sparsity(stripped, layer_names))
-
-
-def measure_sparsity(model, layer_names):
-    """({layer: fraction of exact zeros in its kernel}, the same over all those kernels)."""
-    per_layer, zeros, total = {}, 0, 0
-    for layer in model.layers:
-        if layer.name in layer_names:
-            kernel = layer.get_weights()[0]
-            per_layer[layer.name] = float(np.mean(kernel == 0))
-            zeros += int(np.sum(kernel == 0))
-            total += kernel.size
-    return per_layer, zeros / max(total, 1)
-
-
-def cluster_model(model, layer_names, clusters):
-    """Wraps a copy of `model` for sparsity-preserving weight clustering (tfmot).
-
-    Each kernel in `layer_names` keeps its zeros and shares `clusters` distinct
-    non-zero values after fine-tuning and strip_clustering: gzip and TFLite's
-    int8 weights then need a few bits per kept weight instead of a full byte.
-    """
-    check_tf_keras_model(model)
+def tfmot_cluster(model, layer_names, clusters):
+    """A copy of tf_keras `model` wrapped for sparsity-preserving weight clustering: each
+    named kernel keeps its zeros and shares `clusters` values after strip_clustering."""
+    tf_keras, tfmot = _tfmot()
     clustering = tfmot.clustering.keras
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
@@ -293,26 +515,46 @@ def cluster_model(model, layer_names, clusters):
     return tf_keras.models.clone_model(copy, clone_function=wrap)
 
 
-# --- training ------------------------------------------------------------------
+def tfmot_log_final_sparsity(log_dir, pruned_model, step):
+    """What PruningSummaries misses: it writes at epoch starts, never after the last step."""
+    tf = _tensorflow()
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for layer in pruned_model.layers:
+            for _, mask, threshold in getattr(layer, "pruning_vars", ()):  # PruningSummaries' tags
+                tf.summary.scalar(mask.name + "/sparsity", 1 - float(np.mean(mask.numpy())),
+                                  step=step)
+                tf.summary.scalar(threshold.name + "/threshold", float(threshold.numpy()),
+                                  step=step)
+    writer.close()
 
-def make_dataset(x, y, batch_size, seed, training):
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if training:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+# --- both engines: train, prune, measure, export -----------------------------------------
+
+def _tensorflow():
+    """TensorFlow if it imports (TensorBoard logs, TFLite), else None: JAX needs none."""
+    try:
+        import tensorflow as tf
+        return tf
+    except ImportError:
+        return None
 
 
-def train(model, loss, data, epochs, batch_size, learning_rate, steps_per_epoch, seed,
-          callbacks):
-    """Compiles and fits `model`; raises FloatingPointError when the loss is not finite."""
+def api_of(model):
+    """keras for a Keras 3 model, tf_keras for a tf_keras one: their callbacks differ."""
+    return _tfmot()[0] if type(model).__module__.startswith("tf_keras") else keras
+
+
+def train(model, data, epochs, batch_size, steps_per_epoch, seed, callbacks=()):
+    """fit on in-memory arrays; FloatingPointError when the loss is not finite.
+
+    `model` is compiled (Keras 3 or tf_keras alike).
+    """
     (x_train, y_train), (x_val, y_val) = data
-    steps_per_epoch = steps_per_epoch or math.ceil(len(x_train) / batch_size)
-    model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss=loss,
-                  metrics=["accuracy"])
-    history = model.fit(make_dataset(x_train, y_train, batch_size, seed, training=True),
-                        validation_data=make_dataset(x_val, y_val, batch_size, seed, False),
-                        epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=2,
-                        callbacks=[tf_keras.callbacks.TerminateOnNaN(), *callbacks])
+    history = model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, validation_data=(x_val, y_val),
+                        shuffle=True, verbose=2,
+                        callbacks=[api_of(model).callbacks.TerminateOnNaN(), *callbacks])
     final_loss = history.history["loss"][-1]
     if not np.isfinite(final_loss) or len(history.history["loss"]) < epochs:
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate "
@@ -321,39 +563,71 @@ def train(model, loss, data, epochs, batch_size, learning_rate, steps_per_epoch,
 
 
 def accuracy(model, x, y, batch_size=512):
-    """Fraction of correct predictions (argmax of logits, or sigmoid > 0.5)."""
-    out = model.predict(x, batch_size=batch_size, verbose=0)
+    """Fraction of correct predictions (argmax of the outputs, or sigmoid > 0.5)."""
+    out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
     predicted = (out[:, 0] > 0.5).astype(np.int64) if out.shape[-1] == 1 else out.argmax(-1)
     return float(np.mean(predicted == np.asarray(y).astype(np.int64)))
 
 
-def log_final_sparsity(log_dir, pruned_model, step):
-    """What PruningSummaries misses: it writes at epoch starts, never after the last step."""
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "metrics"))
-    with writer.as_default():
-        for layer in pruned_model.layers:
-            for _, mask, threshold in getattr(layer, "pruning_vars", ()):
-                tf.summary.scalar(mask.name + "/sparsity", 1 - float(np.mean(mask.numpy())),
-                                  step=step)
-                tf.summary.scalar(threshold.name + "/threshold", float(threshold.numpy()),
-                                  step=step)
-    writer.close()
-
-
-# --- export --------------------------------------------------------------------
-
 def gzip_bytes(path_or_bytes):
     """Size after gzip -9: what a zipped download of the model costs."""
-    raw = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
-    return len(gzip.compress(raw, compresslevel=9, mtime=0))
+    if isinstance(path_or_bytes, bytes):
+        return len(gzip.compress(path_or_bytes, compresslevel=9, mtime=0))
+    with open(path_or_bytes, "rb") as f:
+        return len(gzip.compress(f.read(), compresslevel=9, mtime=0))
 
 
-def save_h5(model, path):
-    """tf_keras .h5 without the optimizer (whose slots are dense and would hide the zeros)."""
-    with warnings.catch_warnings():  # "HDF5 is legacy": it is what the tfmot guide measures
-        warnings.simplefilter("ignore", UserWarning)
-        write_atomically(path, lambda partial: model.save(partial, include_optimizer=False))
+def save_model(model, path):
+    """The model without an optimizer (whose slots are dense and would hide the zeros):
+    .keras for Keras 3, .h5 for tf_keras (what the tfmot guide measures). Returns its
+    gzip size."""
+    if path.endswith(".h5"):
+        with warnings.catch_warnings():  # "HDF5 is legacy"
+            warnings.simplefilter("ignore", UserWarning)
+            write_atomically(path, lambda partial: model.save(partial, include_optimizer=False))
+    else:
+        plain = model if not model.compiled else strip_pruning(model)
+        write_atomically(path, plain.save)
     return gzip_bytes(path)
+
+
+def load_model(path):
+    if path.endswith(".h5"):
+        return _tfmot()[0].models.load_model(path, compile=False)
+    return keras.models.load_model(path, compile=False)
+
+
+def predictions_match(model, reloaded, x, atol=1e-5):
+    """(whether `reloaded` predicts like `model` on x, the largest difference)."""
+    expected = np.asarray(model.predict(x, verbose=0))
+    got = np.asarray(reloaded.predict(x, verbose=0))
+    max_diff = float(np.max(np.abs(expected - got)))
+    return max_diff <= atol, max_diff
+
+
+def to_tflite(model, quantize):
+    """A TFLite flatbuffer (TensorFlow backend); quantize=True adds dynamic-range (int8
+    weight) quantization."""
+    converter = _tensorflow().lite.TFLiteConverter.from_keras_model(model)
+    if quantize:
+        converter.optimizations = [_tensorflow().lite.Optimize.DEFAULT]
+    with contextlib.redirect_stdout(io.StringIO()):  # a Keras 3 model goes via a SavedModel,
+        return converter.convert()                    # whose export lists its endpoints
+
+
+def tflite_predict(flatbuffer, x):
+    """The TFLite model's outputs for x, one example at a time."""
+    with warnings.catch_warnings():  # "deprecated ... use ai_edge_litert": not installed here
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = _tensorflow().lite.Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    outputs = []
+    for example in x:
+        interpreter.set_tensor(inp["index"], example[None].astype(inp["dtype"]))
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(out["index"])[0])
+    return np.stack(outputs)
 
 
 def write_bytes(path, data):
@@ -361,24 +635,42 @@ def write_bytes(path, data):
         f.write(data)
 
 
-def to_tflite(model, quantize):
-    """A TFLite flatbuffer; quantize=True adds dynamic-range (int8 weight) quantization."""
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if quantize:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return converter.convert()
+def export_tflite(model, run_dir, x_check):
+    """pruned.tflite and pruned_quant.tflite (TensorFlow backend): their gzip sizes and
+    reload checks (float: outputs within 1e-4; int8: the same predicted classes)."""
+    expected = np.asarray(model.predict(x_check, verbose=0))
+    out = {}
+    for name, quantize in (("tflite", False), ("tflite_quant", True)):
+        flatbuffer = to_tflite(model, quantize)
+        write_atomically(os.path.join(run_dir, f"pruned{'_quant' if quantize else ''}.tflite"),
+                         lambda partial: write_bytes(partial, flatbuffer))
+        got = tflite_predict(flatbuffer, x_check)
+        out[f"{name}_gzip_bytes"] = gzip_bytes(flatbuffer)
+        out[f"{name}_reload_matches"] = bool(
+            np.allclose(got, expected, atol=1e-4) if not quantize else
+            np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.98 if got.shape[-1] > 1 else
+            np.mean((got[:, 0] > 0.5) == (expected[:, 0] > 0.5)) >= 0.98)
+    return out
 
 
-def reload_matches(path, model, x, atol=1e-5):
-    """Reloads the exported .h5 and compares its predictions with the in-memory model."""
-    reloaded = tf_keras.models.load_model(path, compile=False)
-    expected = model.predict(x, verbose=0)
-    got = reloaded.predict(x, verbose=0)
-    max_diff = float(np.max(np.abs(expected - got)))
-    return max_diff <= atol, max_diff
+def keras_int8(model, run_dir, x_val, y_val):
+    """Keras' own model.quantize("int8") of a copy: accuracy, gzip size, reload check,
+    and the layers it left in float (it quantizes Dense and EinsumDense only)."""
+    copy = strip_pruning(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copy.quantize("int8")
+    path = os.path.join(run_dir, "pruned_int8.keras")
+    write_atomically(path, copy.save)
+    reload_ok, _ = predictions_match(copy, keras.models.load_model(path, compile=False),
+                                     x_val[:256])
+    left = [layer.name for layer in all_layers(copy)
+            if kernel_of(layer) is not None and not isinstance(
+                layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+    return {"keras_int8_accuracy": accuracy(copy, x_val, y_val),
+            "keras_int8_gzip_bytes": gzip_bytes(path), "keras_int8_reload_matches": reload_ok,
+            "keras_int8_unquantized_layers": ", ".join(left) or "none"}
 
-
-# --- the run -------------------------------------------------------------------
 
 def pruning_steps(config, n_train):
     """(steps per epoch, end_step, frequency) of the fine-tuning; ValueError if they clash."""
@@ -395,42 +687,139 @@ def pruning_steps(config, n_train):
     return steps, end_step, frequency
 
 
+def default_frequency(begin_step, end_step, times=10):
+    """The largest divisor of the span that still prunes ~`times` times.
+
+    Pruning happens only when (step - begin_step) % frequency == 0, so a span
+    that is not a multiple of the frequency never applies the final sparsity.
+    """
+    span = end_step - begin_step
+    return max(f for f in range(1, max(1, span // times) + 1) if span % f == 0)
+
+
 def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
-    """Prunes a copy of `baseline` to `final_sparsity`, fine-tunes, strips; returns results."""
+    """Prunes a copy of `baseline` to `final_sparsity` with the configured engine,
+    fine-tunes and strips it; returns the stripped model and its measurements."""
     (x_train, _), (x_val, y_val) = data
     steps, end_step, frequency = pruning_steps(config, len(x_train))
-    schedule = make_schedule(config.schedule, min(config.initial_sparsity, final_sparsity),
-                             final_sparsity, config.begin_step, end_step, frequency)
-    model, pruned_names, left_dense = prune_model(
-        baseline, schedule, config.block_size, config.sparsity_m_by_n, config.prune_layers)
+    schedule = Schedule(config.schedule, min(config.initial_sparsity, final_sparsity),
+                        final_sparsity, config.begin_step, end_step, frequency)
+    names, left_dense = choose_layers(baseline, config.prune_layers, config.min_layer_share,
+                                      config.sparsity_m_by_n, config.block_size)
+    tf = _tensorflow()
+    if config.engine == "keras":
+        model, _ = prune_model(baseline, schedule, keras.optimizers.Adam(
+            config.finetune_learning_rate), loss, ["accuracy"], names, config.block_size,
+            config.sparsity_m_by_n)
+        callbacks = [PruningLog(os.path.join(log_dir, "metrics"), names)]
+        if tf is not None:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
+    else:
+        tf_keras, tfmot = _tfmot()
+        model, refused = tfmot_prune_model(baseline, schedule, names, config.block_size,
+                                           config.sparsity_m_by_n)
+        left_dense.update(refused)
+        names = [n for n in names if n not in refused]
+        model.compile(optimizer=tf_keras.optimizers.Adam(config.finetune_learning_rate),
+                      loss=loss, metrics=["accuracy"])
+        callbacks = [tfmot.sparsity.keras.UpdatePruningStep(),
+                     tfmot.sparsity.keras.PruningSummaries(log_dir=log_dir)]
     for name, why in left_dense.items():
         print(f"left dense: {name} ({why})")
-    if not pruned_names:
-        raise ValueError("no layer was pruned: check --prune_layers and the layers listed above")
+    if not names:
+        raise ValueError("no layer was pruned: check --prune_layers, --min_layer_share and the "
+                         "layers listed above")
     amount = (f"{config.sparsity_m_by_n[0]}:{config.sparsity_m_by_n[1]}" if config.sparsity_m_by_n
               else f"{final_sparsity:.0%}")
-    print(f"pruning {', '.join(pruned_names)} to {amount} "
+    print(f"pruning {', '.join(names)} to {amount} with the {config.engine} engine "
           f"({config.schedule}, steps {config.begin_step}..{end_step} every {frequency})")
-    train(model, loss, data, config.epochs, config.batch_size, config.finetune_learning_rate,
-          steps, config.seed,
-          [sparsity.UpdatePruningStep(), sparsity.PruningSummaries(log_dir=log_dir)])
-    log_final_sparsity(log_dir, model, step=int(model.optimizer.iterations.numpy()))
-    stripped, per_layer, measured = strip_and_measure(model, pruned_names)
-    if config.clusters:
-        print(f"clustering {', '.join(pruned_names)} to {config.clusters} shared values "
-              "(zeros kept), 1 epoch")
-        clustered = cluster_model(stripped, pruned_names, config.clusters)
-        train(clustered, loss, data, 1, config.batch_size, config.finetune_learning_rate / 10,
-              steps, config.seed, [])
-        stripped = tfmot.clustering.keras.strip_clustering(clustered)
-        per_layer, measured = measure_sparsity(stripped, pruned_names)
+    train(model, data, config.epochs, config.batch_size, steps, config.seed, callbacks)
+    if config.engine == "keras":
+        stripped = strip_pruning(model)
+    else:
+        tfmot_log_final_sparsity(os.path.join(log_dir, "metrics"), model,
+                                 int(model.optimizer.iterations.numpy()))
+        stripped = tfmot.sparsity.keras.strip_pruning(model)
+        if config.clusters:
+            print(f"clustering {', '.join(names)} to {config.clusters} shared values "
+                  "(zeros kept), 1 epoch")
+            clustered = tfmot_cluster(stripped, names, config.clusters)
+            clustered.compile(optimizer=tf_keras.optimizers.Adam(
+                config.finetune_learning_rate / 10), loss=loss, metrics=["accuracy"])
+            train(clustered, data, 1, config.batch_size, steps, config.seed)
+            stripped = tfmot.clustering.keras.strip_clustering(clustered)
+    per_layer, measured, model_sparsity = measure_sparsity(stripped, names)
     return {"model": stripped, "accuracy": accuracy(stripped, x_val, y_val),
             "per_layer": per_layer, "sparsity_measured": measured,
-            "left_dense": left_dense, "end_step": end_step, "frequency": frequency}
+            "model_sparsity": model_sparsity, "left_dense": left_dense,
+            "end_step": end_step, "frequency": frequency}
+
+
+# --- the run -----------------------------------------------------------------------------
+
+def num_classes_of(data):
+    (_, y_train), (_, y_val) = data
+    return int(max(np.max(y_train), np.max(y_val))) + 1
+
+
+def check(config, data, model=None):
+    """ValueError (one line) for input that cannot run: the engine and the model, the
+    layer names, the pruning span."""
+    (x_train, _), _ = data
+    if model is not None and config.engine == "tfmot":
+        raise ValueError("--engine=tfmot prunes tf_keras (Keras 2) models only, and --model is "
+                         "a Keras 3 model: use --engine=keras (the default)")
+    if config.engine == "tfmot":
+        _tfmot()  # its ImportError, as one line
+    if isinstance(model, keras.Model):
+        classifier_loss(model, num_classes_of(data))
+        reference = model
+    else:
+        reference = build_model(np.shape(x_train)[1:], num_classes_of(data), config.model)[0]
+    names = [layer.name for layer in all_layers(reference)]
+    unknown = sorted(set(config.prune_layers or ()) - set(names))
+    if unknown:
+        raise ValueError(f"--prune_layers: no layer named {', '.join(unknown)}; "
+                         f"the model has {', '.join(names)}")
+    pruning_steps(config, len(x_train))
+
+
+def baseline_model(config, data, model):
+    """(the model to prune, its loss, how many epochs to train it first, its description)."""
+    (x_train, _), _ = data
+    shape, classes = x_train.shape[1:], num_classes_of(data)
+    if model is None:
+        api = _tfmot()[0] if config.engine == "tfmot" else keras
+        built, loss = build_model(shape, classes, config.model, api)
+        built.compile(optimizer=api.optimizers.Adam(config.learning_rate), loss=loss,
+                      metrics=["accuracy"])
+        epochs = 10 if config.baseline_epochs is None else config.baseline_epochs
+        return built, loss, epochs, f"{config.model} model"
+    user = model if isinstance(model, keras.Model) else model(shape, classes)
+    loss, metrics, why = classifier_loss(user, classes)
+    copy = fresh_model(user, shape, classes)
+    copy.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+                 metrics=metrics)
+    print(f"your model, {user.count_params():,} weights; loss: {why}")
+    return copy, loss, config.baseline_epochs or 0, "your model"
+
+
+def log_summary(log_dir, scalars):
+    tf = _tensorflow()
+    if tf is None:
+        return
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for key, value in scalars.items():
+            tf.summary.scalar(key, value, step=0)
+    writer.close()
 
 
 def log_sweep(log_dir, rows):
     """One TensorBoard run whose x axis is the target sparsity in percent."""
+    tf = _tensorflow()
+    if tf is None:
+        return
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default():
         for target, row in rows.items():
@@ -441,103 +830,92 @@ def log_sweep(log_dir, rows):
     writer.close()
 
 
-def format_table(m, per_layer, targets):
-    lines = [f"{'':<22} {'baseline':>10} {'pruned':>10}",
-             f"{'accuracy':<22} {m['baseline_accuracy']:>10.4f} {m['pruned_accuracy']:>10.4f}"
+def format_table(m, per_layer, targets, suffix):
+    lines = [f"{'':<24} {'baseline':>10} {'pruned':>10}   ({m['engine']} engine)",
+             f"{'accuracy':<24} {m['baseline_accuracy']:>10.4f} {m['pruned_accuracy']:>10.4f}"
              f"   drop {100 * m['accuracy_drop']:.2f} points",
-             f"{'sparsity':<22} {0.0:>10.3f} {m['sparsity_measured']:>10.3f}"
-             f"   target {m['sparsity_target']:.3f}",
-             f"{'.h5 gzip bytes':<22} {m['baseline_gzip_bytes']:>10,} {m['pruned_gzip_bytes']:>10,}"
-             f"   {m['compression_ratio']:.2f}x smaller",
-             f"{'TFLite gzip bytes':<22} {'':>10} {m['tflite_gzip_bytes']:>10,}",
-             f"{'TFLite int8 gzip bytes':<22} {'':>10} {m['tflite_quant_gzip_bytes']:>10,}"
-             f"   {m['tflite_quant_compression_ratio']:.2f}x smaller than the baseline .h5",
-             "per-layer kernel sparsity: " + ", ".join(
-                 f"{name} {value:.3f} (target {targets[name]:.3f})"
-                 for name, value in per_layer.items())]
+             f"{'sparsity':<24} {0.0:>10.3f} {m['sparsity_measured']:>10.3f}"
+             f"   target {m['sparsity_target']:.3f}; whole model {m['model_sparsity']:.3f}",
+             f"{suffix + ' gzip bytes':<24} {m['baseline_gzip_bytes']:>10,} "
+             f"{m['pruned_gzip_bytes']:>10,}   {m['compression_ratio']:.2f}x smaller"]
+    if "tflite_gzip_bytes" in m:
+        lines += [f"{'TFLite gzip bytes':<24} {'':>10} {m['tflite_gzip_bytes']:>10,}",
+                  f"{'TFLite int8 gzip bytes':<24} {'':>10} {m['tflite_quant_gzip_bytes']:>10,}"
+                  f"   {m['tflite_quant_compression_ratio']:.2f}x smaller than the baseline"]
+    if "keras_int8_gzip_bytes" in m:
+        lines.append(f"{'Keras int8 gzip bytes':<24} {'':>10} {m['keras_int8_gzip_bytes']:>10,}"
+                     f"   accuracy {m['keras_int8_accuracy']:.4f}; left in float: "
+                     f"{m['keras_int8_unquantized_layers']}")
+    lines.append("per-layer kernel sparsity: " + ", ".join(
+        f"{name} {value:.3f} (target {targets[name]:.3f})" for name, value in per_layer.items()))
     return "\n".join(lines)
 
 
-def check(config, data, model=None):
-    """ValueError (one line) for input that cannot run: layer names, the pruning span, a
-    model of yours (tfmot prunes tf_keras models; prune_model() takes yours directly)."""
-    if model is not None:
-        raise ValueError("--model=FILE: tfmot, which this recipe prunes with, needs a tf_keras "
-                         "(Keras 2) model and cannot prune a Keras 3 one; --model=dense or conv "
-                         "picks the recipe's own, and prune_model(your_tf_keras_model, ...) "
-                         "prunes yours in Python")
-    (x_train, y_train), _ = data
-    model, _ = build_model(np.shape(x_train)[1:], int(np.max(y_train)) + 1, config.model)
-    check_layer_names(model, config.prune_layers)
-    pruning_steps(config, len(x_train))
-
-
 def run(config, run_dir, data, model=None):
-    """Trains a baseline, prunes a copy, exports both; returns flat metrics for metrics.json."""
+    """Trains (or takes) a baseline, prunes a copy, exports both; returns flat metrics.
+
+    model: None for the built-in config.model, your keras.Model (taken as trained
+    unless --baseline_epochs; a copy is pruned, yours is never changed) or a
+    builder fn(input_shape, num_classes).
+    """
     start = time.perf_counter()
     check(config, data, model)
-    tf_keras.utils.set_random_seed(config.seed)
-    (x_train, y_train), (x_val, y_val) = data
-    num_classes = int(np.max(y_train)) + 1
-    baseline, loss = build_model(x_train.shape[1:], num_classes, config.model)
+    keras.utils.set_random_seed(config.seed)
+    if config.engine == "tfmot":
+        _tfmot()[0].utils.set_random_seed(config.seed)
+    os.makedirs(run_dir, exist_ok=True)
+    (x_train, _), (x_val, y_val) = data
+    baseline, loss, baseline_epochs, what = baseline_model(config, data, model)
     steps, _, _ = pruning_steps(config, len(x_train))
-    print(f"== baseline: {config.model} model, {baseline.count_params():,} weights ==")
-    train(baseline, loss, data, config.baseline_epochs, config.batch_size, config.learning_rate,
-          steps, config.seed,
-          [tf_keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "baseline"))])
+    print(f"== baseline: {what}, {baseline.count_params():,} weights, {baseline_epochs} epoch(s) "
+          "of training first ==")
+    if baseline_epochs:
+        tensorboard = ([] if _tensorflow() is None else [api_of(baseline).callbacks.TensorBoard(
+            log_dir=os.path.join(run_dir, "baseline"))])
+        train(baseline, data, baseline_epochs, config.batch_size, steps, config.seed,
+              tensorboard)
+    suffix = ".h5" if config.engine == "tfmot" else ".keras"
     baseline_accuracy = accuracy(baseline, x_val, y_val)
-    baseline_path = os.path.join(run_dir, "baseline.h5")
-    baseline_gzip = save_h5(baseline, baseline_path)
+    baseline_gzip = save_model(baseline, os.path.join(run_dir, f"baseline{suffix}"))
 
     print(f"\n== pruning to {config.final_sparsity:.0%} ==")
     result = prune_and_finetune(baseline, loss, data, config, config.final_sparsity,
                                 os.path.join(run_dir, "pruned"))
     stripped = result["model"]
-    pruned_path = os.path.join(run_dir, "pruned.h5")
-    pruned_gzip = save_h5(stripped, pruned_path)
-    reload_ok, reload_diff = reload_matches(pruned_path, stripped, x_val[:256])
+    pruned_path = os.path.join(run_dir, f"pruned{suffix}")
+    pruned_gzip = save_model(stripped, pruned_path)
+    reload_ok, reload_diff = predictions_match(stripped, load_model(pruned_path), x_val[:256])
     if not reload_ok:
-        print(f"warning: the reloaded pruned.h5 differs from the in-memory model by {reload_diff}")
-    tflite = {}
-    for name, quantize in (("tflite", False), ("tflite_quant", True)):
-        flatbuffer = to_tflite(stripped, quantize)
-        write_atomically(os.path.join(run_dir, f"pruned{'_quant' if quantize else ''}.tflite"),
-                         lambda partial: write_bytes(partial, flatbuffer))
-        tflite[name] = gzip_bytes(flatbuffer)
-
-    if config.sparsity_m_by_n is not None:
-        target = config.sparsity_m_by_n[0] / config.sparsity_m_by_n[1]
-    else:
-        target = config.final_sparsity
-    targets = {name: target for name in result["per_layer"]}
+        print(f"warning: the reloaded pruned{suffix} differs from the model in memory by "
+              f"{reload_diff}")
+    target = (config.sparsity_m_by_n[0] / config.sparsity_m_by_n[1] if config.sparsity_m_by_n
+              else config.final_sparsity)
     metrics = {
-        "baseline_accuracy": baseline_accuracy,
-        "pruned_accuracy": result["accuracy"],
+        "engine": config.engine, "backend": keras.backend.backend(),
+        "baseline_accuracy": baseline_accuracy, "pruned_accuracy": result["accuracy"],
         "accuracy_drop": baseline_accuracy - result["accuracy"],
-        "sparsity_target": target,
-        "sparsity_measured": result["sparsity_measured"],
-        "baseline_gzip_bytes": baseline_gzip,
-        "pruned_gzip_bytes": pruned_gzip,
+        "sparsity_target": target, "sparsity_measured": result["sparsity_measured"],
+        "model_sparsity": result["model_sparsity"],
+        "baseline_gzip_bytes": baseline_gzip, "pruned_gzip_bytes": pruned_gzip,
         "compression_ratio": baseline_gzip / pruned_gzip,
-        "tflite_gzip_bytes": tflite["tflite"],
-        "tflite_quant_gzip_bytes": tflite["tflite_quant"],
-        "tflite_quant_compression_ratio": baseline_gzip / tflite["tflite_quant"],
-        "reload_matches": reload_ok,
-        "reload_max_abs_diff": reload_diff,
-        "layers_pruned": len(result["per_layer"]),
-        "layers_left_dense": len(result["left_dense"]),
-        "pruning_end_step": result["end_step"],
-        "pruning_frequency": result["frequency"],
-        "clusters": config.clusters,
+        "reload_matches": reload_ok, "reload_max_abs_diff": reload_diff,
+        "layers_pruned": len(result["per_layer"]), "layers_left_dense": len(result["left_dense"]),
+        "pruning_end_step": result["end_step"], "pruning_frequency": result["frequency"],
+        "clusters": config.clusters, "model_params": baseline.count_params(),
     }
     metrics.update({f"sparsity_{name}": value for name, value in result["per_layer"].items()})
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "summary"))
-    with writer.as_default():
-        for key in ("baseline_accuracy", "pruned_accuracy", "sparsity_measured",
-                    "baseline_gzip_bytes", "pruned_gzip_bytes", "tflite_quant_gzip_bytes"):
-            tf.summary.scalar(f"summary/{key}", metrics[key], step=0)
-    writer.close()
-    print("\n" + format_table(metrics, result["per_layer"], targets))
+    if keras.backend.backend() == "tensorflow" or config.engine == "tfmot":
+        metrics.update(export_tflite(stripped, run_dir, x_val[:64]))
+        metrics["tflite_quant_compression_ratio"] = (baseline_gzip
+                                                     / metrics["tflite_quant_gzip_bytes"])
+    if config.engine == "keras":
+        metrics.update(keras_int8(stripped, run_dir, x_val, y_val))
+    log_summary(os.path.join(run_dir, "summary"), {
+        f"summary/{key}": metrics[key] for key in (
+            "baseline_accuracy", "pruned_accuracy", "sparsity_measured", "baseline_gzip_bytes",
+            "pruned_gzip_bytes", "tflite_quant_gzip_bytes") if key in metrics})
+    print("\n" + format_table(metrics, result["per_layer"],
+                              {name: target for name in result["per_layer"]}, suffix))
 
     if config.sweep:
         rows = {}
@@ -548,8 +926,8 @@ def run(config, run_dir, data, model=None):
             print(f"\n== sweep: pruning to {target:.0%} ==")
             row = prune_and_finetune(baseline, loss, data, config, target,
                                      os.path.join(run_dir, f"sweep_{round(100 * target)}"))
-            row["gzip_bytes"] = save_h5(row["model"], os.path.join(
-                run_dir, f"sweep_{round(100 * target)}.h5"))
+            row["gzip_bytes"] = save_model(row["model"], os.path.join(
+                run_dir, f"sweep_{round(100 * target)}{suffix}"))
             rows[target] = row
         log_sweep(os.path.join(run_dir, "sweep"), rows)
         print(f"\n{'target':>7} {'measured':>9} {'accuracy':>9} {'drop pts':>9} "
@@ -564,6 +942,62 @@ def run(config, run_dir, data, model=None):
             metrics[f"sweep_sparsity_measured_s{key}"] = row["sparsity_measured"]
     metrics["wall_time_s"] = time.perf_counter() - start
     return metrics
+
+
+# --- model kit: the same text in every recipe that trains the user's model -------------
+# (run(model=...) takes a keras.Model, never changed, or fn(input_shape, num_classes);
+# tests/test_kit.py fails if a copy differs)
+
+def fresh_model(model, input_shape, num_classes):
+    """A model to train: a clone of a keras.Model with its weights (the user's own object
+    is never trained), or what the builder fn(input_shape, num_classes) returns."""
+    if isinstance(model, keras.Model):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model(input_shape, num_classes)
+
+
+def output_activation(model):
+    """The activation of the layer that makes the model's output: softmax, sigmoid, linear..."""
+    layer = model.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def classifier_loss(model, num_classes):
+    """(loss, metrics, why): the model's compiled loss and metrics (accuracy first), else
+    the loss its output implies. ValueError (one line) for an output that is not a
+    classifier of num_classes."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"the model has {len(model.outputs)} outputs; these recipes train "
+                         "one classifier output")
+    units, activation = int(model.outputs[0].shape[-1]), output_activation(model)
+    if units == 1 and activation != "sigmoid":
+        raise ValueError("the model ends in one linear unit, a regression output; these "
+                         "recipes train classifiers: end it with Dense(classes) or a sigmoid unit")
+    if units != num_classes and not (units == 1 and num_classes == 2):
+        raise ValueError(f"the model has {units} output units but the data has {num_classes} "
+                         "classes: they must match")
+    if units > 1 and activation == "sigmoid":
+        raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
+                         "train one class per example: end it with softmax or logits")
+    config = model.get_compile_config() or {}
+    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
+                              keras.metrics.deserialize(m)
+                              for m in config.get("metrics") or [] if m != "accuracy"]
+    if getattr(model, "loss", None) is not None:
+        return model.loss, metrics, "its own compiled loss"
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+    if activation == "softmax":
+        return (keras.losses.SparseCategoricalCrossentropy(), metrics,
+                "sparse categorical cross-entropy on its softmax output")
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
+            "sparse categorical cross-entropy from logits (its output has no softmax)")
+
+# --- end of model kit ------------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

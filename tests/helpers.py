@@ -43,23 +43,33 @@ def error_lines(stderr):
             and not line.startswith("To enable the following instructions")]
 
 
+def block_packages(folder, names):
+    """Packages in folder that fail to import. With folder first on PYTHONPATH, a run
+    proves it needs none of them (as on a machine without them)."""
+    for name in names:
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} blocked')")
+
+
 def block_tensorflow(folder):
-    """A `tensorflow` package in folder that fails to import. With folder first on
-    PYTHONPATH, a run proves it needs no TensorFlow (as on a JAX-only machine)."""
-    (folder / "tensorflow").mkdir()
-    (folder / "tensorflow" / "__init__.py").write_text("raise ImportError('tensorflow blocked')")
+    """A `tensorflow` that fails to import: a run proves it needs no TensorFlow (as on a
+    JAX-only machine)."""
+    block_packages(folder, ("tensorflow",))
 
 
-def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None, without_tensorflow=False):
+def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None, without_tensorflow=False,
+               blocked=()):
     """Copies one recipe file alone into an empty dir and runs `script` there.
 
     The repository is not importable from there (cwd and PYTHONPATH point at
-    the empty dir only), so this proves the file is drop-in.
+    the empty dir only), so this proves the file is drop-in. `blocked` names
+    packages that fail to import there.
     """
     workdir = tmp_path / "dropin"
     workdir.mkdir()
     if without_tensorflow:
         block_tensorflow(workdir)
+    block_packages(workdir, blocked)
     shutil.copy(REPO / "recipes" / recipe_file, workdir / recipe_file)
     run_env = {**(env or ENV), "PYTHONPATH": str(workdir)}
     return subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True,

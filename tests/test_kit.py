@@ -24,7 +24,7 @@ KITS = {
                    "transfer"),
                   ("StepTimer", "steady", "throughput", "write_atomically")),
     "model": ("# --- model kit:", "# --- end of model kit",
-              ("batch", "device", "mixed_precision", "stream", "tf_profile"),
+              ("batch", "device", "mixed_precision", "prune", "stream", "tf_profile"),
               ("fresh_model", "output_activation", "classifier_loss")),
 }
 

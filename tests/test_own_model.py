@@ -74,6 +74,7 @@ RUNS = {  # recipe: its flags for a run of a few steps
     "device": ["--devices=cpu", "--epochs=1", "--batch_size=4"],
     "profile": ["--epochs=1", "--batch_size=4", "--profile_steps=1,2"],
     "stream": ["--epochs=1", "--batch_size=4", "--input_batches=2", "--compare"],
+    "prune": ["--epochs=1", "--batch_size=8"],
 }
 
 
@@ -257,12 +258,19 @@ def test_trust_model_and_model_code_load_what_safe_mode_and_the_registry_refused
     assert trusted.returncode == 0, trusted.stderr[-2000:]
 
 
-def test_prune_says_in_one_line_that_it_needs_a_tf_keras_model(user_files, tmp_path):
-    result = run_cli("--recipe=prune", f"--model={user_files['net']}",
+def test_prune_writes_the_pruned_copy_and_tfmot_asks_for_the_keras_engine(
+        cli_runs, user_files, tmp_path):
+    _, logdir, _ = cli_runs
+    run_dir = only_run_dir(logdir, "prune")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    pruned = keras.models.load_model(run_dir / "pruned.keras")  # the user's model, pruned
+    assert pruned.name == "users_residual_net" and metrics["engine"] == "keras"
+    assert metrics["sparsity_measured"] == pytest.approx(0.8, abs=0.005)
+    result = run_cli("--recipe=prune", "--engine=tfmot", f"--model={user_files['net']}",
                      f"--data_dir={user_files['folder']}", f"--logdir={tmp_path}", env=ENV)
     lines = error_lines(result.stderr)
     assert result.returncode == 2 and len(lines) == 1, lines
-    assert "needs a tf_keras (Keras 2) model" in lines[0]
+    assert "use --engine=keras" in lines[0]
     assert not list(tmp_path.glob("prune/*"))
 
 
