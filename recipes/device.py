@@ -2,56 +2,70 @@
 
 Shows: one small classifier (784 -> 500 relu -> 10, SGD lr 0.001 momentum 0.9,
 batch 100, 5 epochs: a well-known CPU-vs-GPU comparison) trained once per
-device this machine has (the CPU, then each GPU), each in its own subprocess
-so device visibility and memory start clean, all from the same initial
-weights. For each device: wall time, examples/s (the first compiled call left
-out), time to the first step, validation accuracy, and the job's cost at
---price_per_hour. It says which device is cheaper per job and by how much,
+device this machine has (the CPU, then each GPU), all from the same initial
+weights. Where nvidia-smi lists a GPU, each device's job runs in its own
+subprocess that sees only that device (CUDA_VISIBLE_DEVICES), so visibility and
+memory start clean; where it lists none there is nothing to hide, and the CPU
+job runs in this process (a subprocess would import the backend again and copy
+the data: ~5 s). For each device: wall time, examples/s (the first compiled
+call left out), time to the first step, validation accuracy, and the job's cost
+at --price_per_hour. It says which device is cheaper per job and by how much,
 and the break-even speedup (the price ratio) a GPU must beat to pay off.
-Where the time goes: each worker also times a float32 matmul of the first
+Where the time goes: each job also times a float32 matmul of the first
 layer's shape on its device, so the job's arithmetic floor (6 FLOP per weight
 per example) is printed beside its wall time. A job this small is mostly
 per-step overhead and input pipeline, not arithmetic, which is why a GPU gains
-little on it. The defaults here are the fast path: in-memory arrays that
-Keras batches by index (no per-example Python or tf.data work), a whole
-epoch per compiled call (--steps_per_execution=0) and an XLA-compiled step
-(--xla=on). Keras' own defaults (one Python round trip per step, no XLA on a
-CPU-only TensorFlow) are --steps_per_execution=1 --xla=auto; on the full
-Fashion-MNIST job they take 1.5-2x as long. --batch_size=1000 shows how
-a bigger batch shrinks the overhead share; KERAS_BACKEND=jax runs the same
-job with less overhead still on a CPU.
+little on it. The defaults here are the fast path: in-memory arrays gathered a
+whole batch at a time by shuffled index (no per-example work; on TensorFlow a
+tf.data pipeline with its autotuning off, whose threads competed with the step
+on 2 cores), a whole epoch per compiled call (--steps_per_execution=0) and an
+XLA-compiled step (--xla=on). Keras' own defaults (the arrays handed to fit,
+one Python round trip per step, no XLA on a CPU-only TensorFlow) are
+--pipeline=keras_arrays --steps_per_execution=1 --xla=auto; on the full
+Fashion-MNIST job they take 1.5-2.2x as long. --batch_size=1000 shows how a
+bigger batch shrinks the overhead share; KERAS_BACKEND=jax runs the same job
+with less overhead still on a CPU, and without importing TensorFlow at all.
 Run:    python main.py --recipe=device --price_per_hour=cpu:0.40,gpu:1.20
         python main.py --recipe=device --dataset=fashion_mnist --data_dir=DIR
 Expect: on the default shapes data (12,000 28x28 images) on 2 shared CPU cores,
-        no GPU: the CPU job takes 2.6-3.4 s, 1.1-1.2 s of it before the first
-        step (tracing and XLA compiling), about 37,000-50,000 examples/s
-        (batch / median step); the arithmetic floor is ~1.0 s (35-40%), so the
-        verdict is "overhead-bound". The 600 SGD steps reach
-        val accuracy 0.858. The cost verdict says a GPU at $1.20/h pays off
-        only above a 3.00x speedup. --batch_size=1000 trims the job only to
-        ~2.4 s here (the compile stays) and, with 60 steps, ends at 0.55. On
-        full Fashion-MNIST (--dataset=fashion_mnist) the job takes ~9 s, ~60%
-        of it arithmetic, val accuracy 0.822; Keras' defaults take ~1.5x as
-        long (benchmarks/device.py).
+        no GPU: the CPU job runs in this process and takes 2.4-2.6 s, 1.2-1.3 s
+        of it before the first step (tracing and XLA compiling), about
+        48,000-61,000 examples/s (batch / median step); the arithmetic floor is
+        ~1.0 s (40%), so the verdict is "overhead-bound". The 600 SGD steps
+        reach val accuracy 0.849; the whole command takes 8.4-8.9 s. The cost
+        verdict says a GPU at $1.20/h pays off only above a 3.00x speedup.
+        --batch_size=1000 trims the job only to ~2.1 s here (the compile stays)
+        and, with 60 steps, ends at 0.55. On full Fashion-MNIST
+        (--dataset=fashion_mnist) the job takes 8.0-8.7 s against a floor of
+        4.3-5.1 s, val accuracy 0.825, and the whole command 15-17.5 s (of it
+        ~4 s importing TensorFlow, 0.7-1.3 s reading the data, ~1.2 s exiting);
+        Keras' defaults take 1.5-2.2x as long (benchmarks/device.py). With
+        KERAS_BACKEND=jax: 2.4-2.5 s (val accuracy 0.852) and 7.6-7.9 s for the
+        whole default command; 5.3-6.3 s and 11-12.5 s on Fashion-MNIST (0.826).
 Copy:   this file alone works in any project with keras (TensorFlow or JAX
         backend) and numpy: run(Config(), "logs", ((x_train, y_train),
-        (x_val, y_val)), model=your_model). It loads itself in a subprocess per
-        device; your keras.Model (optional; a builder fn(input_shape,
-        num_classes) works too) reaches each one as run_dir/model.keras, so its
+        (x_val, y_val)), model=your_model). Without a GPU the CPU job runs in
+        your process; with one, the file loads itself in a subprocess per
+        device. Your keras.Model (optional; a builder fn(input_shape,
+        num_classes) works too) reaches each job as run_dir/model.keras, so its
         custom layers need Config(model_code="your_layers.py").
 """
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import os
 import pathlib
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import typing
 
 import keras
@@ -82,9 +96,12 @@ class Config:
     # 1 = Keras' default (one Python round trip per step)
     xla: typing.Literal["on", "off", "auto"] = "on"  # XLA-compile the train step; auto = Keras'
     # choice (off on a CPU-only TensorFlow)
-    pipeline: typing.Literal["arrays", "tf_data"] = "arrays"  # input: numpy arrays (Keras shuffles
-    # indices and gathers whole batches) or tf.data slices shuffled one example at a time
-    timeout_s: int = 3600  # seconds one device's job may take before it is reported as failed
+    pipeline: typing.Literal["arrays", "keras_arrays", "tf_data"] = "arrays"  # input: arrays =
+    # whole batches gathered by shuffled index (Keras' numpy path on JAX; on TensorFlow the same
+    # in tf.data with autotuning off), keras_arrays = the numpy arrays handed to fit (on
+    # TensorFlow Keras' autotuned tf.data), tf_data = tf.data slices shuffled one at a time
+    timeout_s: int = 3600  # seconds one device's subprocess may take before it is reported as
+    # failed (a CPU job run in this process has no limit)
     seed: int = 0  # initial weights and shuffling (the same on every device)
     model_code: str | None = None  # with your model: a Python file that registers its custom
     # layers, imported by each device's worker before it loads the model
@@ -202,7 +219,7 @@ def metric_prefix(device):
     return device.replace(":", "")
 
 
-# --- the job (runs inside each device's subprocess) ----------------------------------
+# --- the job (in this process or in a device's subprocess) ----------------------------
 
 def initial_weights(input_dim, hidden_units, num_classes, seed):
     """Glorot-uniform kernels and zero biases from numpy: the same start on every device."""
@@ -247,16 +264,21 @@ def train_flops_per_example(model):
     return sum(6 * rows * k * n for rows, k, n in matrix_products(model))
 
 
-def _compiled_variants(fn):
-    """`fn` compiled each way the current backend can run it (TensorFlow: graph and XLA)."""
+def _compiled_variants(unrolled, looped):
+    """The chain compiled each way the current backend can run it, each in the form it
+    compiles fast in: TensorFlow's graph unrolled (a graph while loop costs time per
+    iteration), XLA (TensorFlow's and JAX's) as a loop, whose body it compiles once: the
+    unrolled chain took ~0.9 s to compile here, the loop ~0.15 s, and ran no faster."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
-        return [tf.function(fn), tf.function(fn, jit_compile=True)]
+        # Plain tensor code: no need for AutoGraph's rewriting, which costs a source parse.
+        return [tf.function(unrolled, autograph=False),
+                tf.function(looped, jit_compile=True, autograph=False)]
     if backend == "jax":
         import jax
-        return [jax.jit(fn)]
-    return [fn]
+        return [jax.jit(looped)]
+    return [unrolled]
 
 
 def matmul_flops_per_sec(m, k, n, chain=20, repeats=7):
@@ -265,16 +287,22 @@ def matmul_flops_per_sec(m, k, n, chain=20, repeats=7):
     Each product feeds the next one's input, so no compiler can hoist or merge them;
     on TensorFlow both the plain graph kernel and XLA's are timed and the faster counts.
     """
-    def chained(a, b):
+    def step(a, b):
+        return a + keras.ops.matmul(a, b)[:, :1] * 1e-12
+
+    def unrolled(a, b):
         for _ in range(chain):
-            a = a + keras.ops.matmul(a, b)[:, :1] * 1e-12
+            a = step(a, b)
         return a
+
+    def looped(a, b):
+        return keras.ops.fori_loop(0, chain, lambda _, a: step(a, b), a)
 
     rng = np.random.default_rng(0)
     a = keras.ops.convert_to_tensor(rng.random((m, k), np.float32))
     b = keras.ops.convert_to_tensor(rng.random((k, n), np.float32))
     best = math.inf
-    for fn in _compiled_variants(chained):
+    for fn in _compiled_variants(unrolled, looped):
         keras.ops.convert_to_numpy(fn(a, b))  # trace and compile
         for _ in range(repeats):
             start = time.perf_counter()
@@ -331,15 +359,68 @@ def call_throughput(calls, first_call_s, batch_size):
 
 def make_inputs(x, y, config, training):
     """fit/evaluate keyword arguments for the chosen pipeline (shuffled when training)."""
-    if config.pipeline == "arrays":
+    tensorflow = keras.backend.backend() == "tensorflow"
+    if config.pipeline == "keras_arrays" or (config.pipeline == "arrays" and not tensorflow):
         return {"x": x, "y": y, "batch_size": config.batch_size,
                 **({"shuffle": True} if training else {})}
-    import tensorflow as tf  # tf.data only: the arrays pipeline needs no TensorFlow
+    import tensorflow as tf  # tf.data only: JAX's arrays pipeline needs no TensorFlow
+    if config.pipeline == "arrays" and training:  # one iterator for every epoch
+        return {"x": index_batches(x, y, config.batch_size, config.epochs, config.seed),
+                "steps_per_epoch": math.ceil(len(x) / config.batch_size), "shuffle": False}
+    if config.pipeline == "arrays":
+        return {"x": index_batches(x, y, config.batch_size)}
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:  # the dataset shuffles itself; fit's own shuffle would only warn
         ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
     ds = ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
     return {"x": ds, **({"shuffle": False} if training else {})}
+
+
+def index_batches(x, y, batch_size, epochs=1, seed=None):
+    """`epochs` passes over in-memory arrays in one tf.data pipeline of whole batches
+    gathered by index, each pass in its own order (seed None: in order).
+
+    Keras' own scheme for numpy arrays (a permutation cut into batches by two ops, not
+    one tf.data step per example), with tf.data's autotuning off: on 2 shared cores its
+    threads competed with the training step (2.5-4 s of a 13-17 s Fashion-MNIST job went
+    between epochs, 0.4 s without them). One iterator serves every epoch, so fit needs
+    steps_per_epoch and no epoch waits for a new iterator.
+    """
+    import tensorflow as tf
+    x, y = tf.constant(x), tf.constant(y)
+    n, full = len(x), len(x) // batch_size * batch_size
+
+    # Plain tensor code: AutoGraph's rewriting of it took 0.5 s of a 0.7 s set-up here.
+    @tf.autograph.experimental.do_not_convert
+    def one_pass(epoch):
+        order = tf.range(n, dtype=tf.int64)
+        if seed is not None:
+            order = tf.random.experimental.stateless_shuffle(
+                order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        batches = tf.data.Dataset.from_tensor_slices(tf.reshape(order[:full], (-1, batch_size)))
+        return batches.concatenate(tf.data.Dataset.from_tensors(order[full:])) if full < n \
+            else batches
+
+    ds = tf.data.Dataset.range(epochs).flat_map(one_pass)
+    # flat_map hides the length, which Keras needs to end an evaluation without a warning.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(epochs * math.ceil(n / batch_size)))
+    ds = ds.map(tf.autograph.experimental.do_not_convert(
+        lambda i: (tf.gather(x, i), tf.gather(y, i)))).prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+def seed_job(seed, pipeline):
+    """keras.utils.set_random_seed where TensorFlow takes part. It imports TensorFlow
+    whenever it is installed (to seed tf.data), ~4 s that a JAX job on arrays never
+    needs, so there only what Keras draws from is seeded: numpy (its shuffling of
+    array indices) and Python's random (the default seed of each layer)."""
+    if keras.backend.backend() == "tensorflow" or pipeline == "tf_data":
+        keras.utils.set_random_seed(seed)
+    else:
+        random.seed(seed)
+        np.random.seed(seed)
 
 
 def train_job(config, data, weights=None, log_dir=None, model=None):
@@ -349,7 +430,7 @@ def train_job(config, data, weights=None, log_dir=None, model=None):
     worker loaded it: compiled with its loss).
     """
     (x_train, y_train), (x_val, y_val) = data
-    keras.utils.set_random_seed(config.seed)
+    seed_job(config.seed, config.pipeline)
     if model is None:
         model = build_model(x_train.shape[1:], config.hidden_units, len(weights[-1]))
         model.set_weights(weights)
@@ -372,34 +453,46 @@ def train_job(config, data, weights=None, log_dir=None, model=None):
     final_loss = history.history["loss"][-1]
     if not np.isfinite(final_loss):
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate")
+    xla = bool(model.jit_compile)
+    if keras.backend.backend() == "tensorflow":  # one pass over the validation data took
+        model.jit_compile = False  # 0.8-1.3 s here with XLA's compile, 0.5 s without
     val_loss, val_accuracy = model.evaluate(verbose=0, **make_inputs(x_val, y_val, config,
                                                                        training=False))[:2]
     return {**call_throughput(timer.calls, timer.first_call_s, config.batch_size),
             "wall_time_s": wall, "loss": final_loss,
             "val_loss": val_loss, "val_accuracy": val_accuracy,
-            "steps_per_execution": model.steps_per_execution,
-            "xla": bool(model.jit_compile)}
+            "steps_per_execution": model.steps_per_execution, "xla": xla}
 
 
 def log_history(log_dir, history):
-    """Per-epoch curves as TensorBoard scalars (epoch_loss, ...); skipped without TensorFlow."""
-    if not _has_tensorflow():
-        return
-    import tensorflow as tf
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for key, values in history.items():
-            for epoch, value in enumerate(values):
-                tf.summary.scalar(f"epoch_{key}", value, step=epoch)
-    writer.close()
+    """Per-epoch curves as TensorBoard scalars (epoch_loss, ...)."""
+    write_scalars(log_dir, {f"epoch_{key}": values for key, values in history.items()})
 
 
-def _has_tensorflow():
+def write_scalars(log_dir, scalars):
+    """{tag: [value at step 0, 1, ...]} as one TensorBoard event file, without TensorFlow.
+
+    tf.summary and tensorboard's own Writer both import TensorFlow when it is
+    installed (~4 s that a JAX run never needs), so this writes the same records
+    with tensorboard's event protos. Skipped where tensorboard is not installed.
+    """
     try:
-        import tensorflow  # noqa: F401
-        return True
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
-        return False
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{time.monotonic_ns()}")
+    with open(os.path.join(log_dir, name), "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+        for tag, values in scalars.items():
+            for step, value in enumerate(values):
+                event = event_pb2.Event(wall_time=time.time(), step=step)
+                event.summary.value.add(tag=tag, simple_value=float(value))
+                writer.write(event.SerializeToString())
 
 
 def accelerator_count():
@@ -417,17 +510,10 @@ def accelerator_count():
     return 0
 
 
-def worker(job_file):
-    """Subprocess entry point: train on the one device the environment leaves visible."""
-    job = json.loads(pathlib.Path(job_file).read_text())
-    device = job["device"]
-    if device != "cpu" and accelerator_count() < 1:
-        raise RuntimeError(f"{device} is not visible to keras' {keras.backend.backend()} "
-                           f"backend (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+def measure_job(job, data, weights):
+    """One device's job in the current process: train_job's measurements, the job's
+    arithmetic floor on this device and the start-up since the job was launched."""
     config = Config(**job["config"])
-    with np.load(job["data"]) as f:
-        data = ((f["x_train"], f["y_train"]), (f["x_val"], f["y_val"]))
-        weights = [f[f"w{i}"] for i in range(4)] if "w0" in f.files else None
     model = None
     if job["model_file"]:  # yours: the parent saved a copy of it for every worker
         if config.model_code:
@@ -445,11 +531,26 @@ def worker(job_file):
     floor = train_flops_per_example(model) * len(data[0][0]) * config.epochs / rate
     result.update(startup_s=startup, matmul_gflops=rate / 1e9, compute_floor_s=floor,
                   compute_share=floor / result["wall_time_s"], backend=keras.backend.backend())
+    return result
+
+
+def worker(job_file):
+    """Subprocess entry point: train on the one device the environment leaves visible."""
+    job = json.loads(pathlib.Path(job_file).read_text())
+    device = job["device"]
+    if device != "cpu" and accelerator_count() < 1:
+        raise RuntimeError(f"{device} is not visible to keras' {keras.backend.backend()} "
+                           f"backend (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    # Mapped, not read into a copy: the pages the parent just wrote are in the page cache.
+    arrays = {name: np.load(path, mmap_mode="r") for name, path in job["arrays"].items()}
+    data = ((arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"]))
+    weights = [arrays[f"w{i}"] for i in range(4)] if "w0" in arrays else None
+    result = measure_job(job, data, weights)
     write_atomically(job["out"], lambda partial: pathlib.Path(partial).write_text(
         json.dumps(result)))
 
 
-# --- the parent: one subprocess per device ---------------------------------------------
+# --- the parent: the CPU job here when no GPU is listed, else one subprocess per device ----
 
 # The subprocess loads this file by path and calls worker(): running it as a script
 # would put its folder first on sys.path, where a sibling file named like a
@@ -474,24 +575,43 @@ def device_env(device):
     return env
 
 
-def run_on_device(device, config, data_file, run_dir, work_dir, model_file=None):
-    """Runs the job in a fresh subprocess on `device`; its result, or {'error': why}."""
-    out = os.path.join(work_dir, f"{metric_prefix(device)}.json")
-    job = {"device": device, "config": dataclasses.asdict(config), "data": data_file,
-           "model_file": model_file,
-           "log_dir": os.path.join(run_dir, metric_prefix(device)), "out": out,
-           "launched_at": time.time()}
-    job_file = os.path.join(work_dir, f"{metric_prefix(device)}_job.json")
-    pathlib.Path(job_file).write_text(json.dumps(job))
-    log_path = os.path.join(run_dir, f"{metric_prefix(device)}.log")
+def new_job(device, config, run_dir, model_file):
+    """What one device's job needs to know, as JSON a worker reads."""
+    return {"device": device, "config": dataclasses.asdict(config), "model_file": model_file,
+            "log_dir": os.path.join(run_dir, metric_prefix(device)), "launched_at": time.time()}
+
+
+def run_here(job, data, weights, log_path):
+    """The job in this process, its output in its log as a worker's would be; its
+    result, or {'error': why} (the traceback in the log)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            result = measure_job(job, data, weights)
+        except Exception as e:  # reported like a failed worker: the other devices still run
+            traceback.print_exc()
+            text = str(e).strip()
+            return {"error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''} "
+                             f"(log {log_path})"}
+    result["process_time_s"] = time.perf_counter() - start
+    return result
+
+
+def run_in_subprocess(job, arrays, work_dir, log_path, timeout_s):
+    """The job in a fresh subprocess that sees only its device; its result, or {'error': why}."""
+    name = metric_prefix(job["device"])
+    out = os.path.join(work_dir, f"{name}.json")
+    job_file = os.path.join(work_dir, f"{name}_job.json")
+    pathlib.Path(job_file).write_text(json.dumps({**job, "arrays": arrays, "out": out}))
     start = time.perf_counter()
     try:
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, "-c", WORKER, os.path.abspath(__file__),
                                    job_file], cwd=work_dir, stdout=log, stderr=subprocess.STDOUT,
-                                  env=device_env(device), timeout=config.timeout_s)
+                                  env=device_env(job["device"]), timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {config.timeout_s} s (see {log_path})"}
+        return {"error": f"timed out after {timeout_s} s (see {log_path})"}
     if proc.returncode != 0 or not os.path.exists(out):
         lines = [ln for ln in pathlib.Path(log_path).read_text().splitlines() if ln.strip()]
         why = next((ln for ln in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", ln)),
@@ -500,6 +620,14 @@ def run_on_device(device, config, data_file, run_dir, work_dir, model_file=None)
     result = json.loads(pathlib.Path(out).read_text())
     result["process_time_s"] = time.perf_counter() - start
     return result
+
+
+def save_arrays(arrays, work_dir):
+    """Each array as work_dir/NAME.npy, which workers map; {name: path}."""
+    paths = {name: os.path.join(work_dir, f"{name}.npy") for name in arrays}
+    for name, array in arrays.items():
+        np.save(paths[name], array)
+    return paths
 
 
 def explain(device, r):
@@ -535,21 +663,14 @@ def format_table(results, prices):
 
 
 def log_results(run_dir, results, cost_metrics):
-    """Per-device scalars in each device's TensorBoard run (skipped without TensorFlow)."""
-    if not _has_tensorflow():
-        return
-    import tensorflow as tf
+    """Per-device scalars in each device's TensorBoard run."""
     for device, r in results.items():
-        if "error" in r:
-            continue
-        writer = tf.summary.create_file_writer(os.path.join(run_dir, metric_prefix(device)))
-        with writer.as_default():
-            for key in ("wall_time_s", "examples_per_sec", "first_step_s", "val_accuracy",
-                        "compute_floor_s"):
-                tf.summary.scalar(f"job/{key}", r[key], step=0)
-            tf.summary.scalar("job/cost_usd", cost_metrics[f"{metric_prefix(device)}_cost_usd"],
-                              step=0)
-        writer.close()
+        if "error" not in r:
+            scalars = {f"job/{key}": [r[key]] for key in (
+                "wall_time_s", "examples_per_sec", "first_step_s", "val_accuracy",
+                "compute_floor_s")}
+            scalars["job/cost_usd"] = [cost_metrics[f"{metric_prefix(device)}_cost_usd"]]
+            write_scalars(os.path.join(run_dir, metric_prefix(device)), scalars)
 
 
 def num_classes_of(data):
@@ -594,8 +715,13 @@ def save_for_workers(model, data, run_dir):
 def run(config, run_dir, data, model=None):
     """Runs the job once per device; returns flat metrics for metrics.json.
 
+    Where neither nvidia-smi nor the backend finds a GPU, the CPU job runs in this
+    process: there is no device to hide from it, and a subprocess would only add
+    its start-up (importing the backend again, reading the data). Otherwise each
+    device's job runs in its own subprocess that sees only that device.
+
     model: None for this recipe's 784-500-10, your keras.Model (a copy is saved to
-    run_dir/model.keras and each worker trains it from there; yours is never
+    run_dir/model.keras and each job trains it from there; yours is never
     changed) or fn(input_shape, num_classes). Custom layers need
     Config.model_code so that the workers can load it.
     """
@@ -604,24 +730,34 @@ def run(config, run_dir, data, model=None):
     devices, prices = check(config, data, model)
     (x_train, y_train), (x_val, y_val) = data
     os.makedirs(run_dir, exist_ok=True)
-    weights, model_file = {}, None
+    weights, model_file = None, None
     if model is None:
         weights = initial_weights(int(np.prod(x_train.shape[1:])), config.hidden_units,
                                   num_classes_of(data), config.seed)
         params = int(sum(w.size for w in weights))
-        weights = {f"w{i}": w for i, w in enumerate(weights)}
     else:
         model_file, params = save_for_workers(model, data, run_dir)
+    # Asked only when nvidia-smi lists no GPU: a JAX backend would claim a GPU's memory.
+    alone = "cpu" in devices and find_devices() == ["cpu"] and accelerator_count() == 0
+    here = {"cpu"} if alone else set()
     work_dir = tempfile.mkdtemp(prefix="device_recipe_")
     try:
-        data_file = os.path.join(work_dir, "data.npz")
-        np.savez(data_file, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
-                 **weights)
+        arrays = None
         results = {}
         for device in devices:
             print(f"\n== {device} ==", flush=True)
-            results[device] = run_on_device(device, config, data_file, run_dir, work_dir,
-                                            model_file)
+            job = new_job(device, config, run_dir, model_file)
+            log_path = os.path.join(run_dir, f"{metric_prefix(device)}.log")
+            if device in here:
+                results[device] = run_here(job, data, weights, log_path)
+            else:
+                if arrays is None:  # written once, for every subprocess
+                    arrays = save_arrays({"x_train": x_train, "y_train": y_train,
+                                          "x_val": x_val, "y_val": y_val,
+                                          **{f"w{i}": w for i, w in enumerate(weights or [])}},
+                                         work_dir)
+                results[device] = run_in_subprocess(job, arrays, work_dir, log_path,
+                                                    config.timeout_s)
             if "error" in results[device]:
                 print(f"{device} failed: {results[device]['error']}")
     finally:
@@ -634,7 +770,8 @@ def run(config, run_dir, data, model=None):
     log_results(run_dir, results, cost_metrics)
     print("\n" + format_table(results, prices))
     if config.devices.strip().lower() == "auto" and devices == ["cpu"]:
-        cost_lines.insert(0, "No GPU found (nvidia-smi lists none): only the CPU ran.")
+        cost_lines.insert(0, "No GPU found (nvidia-smi lists none): only the CPU ran, "
+                             "in this process.")
     print("\n" + "\n".join(cost_lines))
     print("\n" + "\n".join(explain(d, r) for d, r in results.items() if "error" not in r))
     metrics = {f"{metric_prefix(d)}_{key}": value for d, r in results.items()

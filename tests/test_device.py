@@ -1,8 +1,15 @@
-"""The `device` recipe: one subprocess per device, a cost verdict, one-line errors."""
+"""The `device` recipe: the CPU job in this process without a GPU, else one subprocess per
+device; a cost verdict, one-line errors."""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
 import pytest
 
-from helpers import (ENV, assert_median_throughput, error_lines, only_run_dir,
-                     read_tensorboard_tags, run_cli, run_dropin)
+from helpers import (ENV, REPO, assert_median_throughput, error_lines, only_run_dir,
+                     read_tensorboard_tags, run_cli, run_dropin, write_idx_set)
 from recipes import device
 
 # The well-known comparison the recipe's reference job comes from.
@@ -13,6 +20,37 @@ PRICES = {"cpu": 0.40, "gpu": 1.20}
 def tiny(**overrides):
     return device.Config(**{"devices": "cpu", "epochs": 1, "batch_size": 20,
                             "hidden_units": 16, **overrides})
+
+
+def fake_nvidia_smi(folder, listing):
+    """A folder holding an `nvidia-smi` that prints `listing` for `nvidia-smi -L`: put it
+    first on PATH to decide which GPUs the recipe finds, whatever this machine has."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{listing}\nEOF\n")
+    script.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def watch_workers(monkeypatch):
+    """The CUDA_VISIBLE_DEVICES of every Python process the recipe starts, in order."""
+    started, real_run = [], subprocess.run
+
+    def run(args, **kwargs):
+        if args[0] == sys.executable:
+            started.append((kwargs.get("env") or os.environ).get("CUDA_VISIBLE_DEVICES"))
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return started
+
+
+def writer_pids(event_dir):
+    """The process ids that wrote the TensorBoard event files in a folder: the field after
+    the host name in `events.out.tfevents.<time>.<host>.<pid>...`."""
+    after_host = f".{socket.gethostname()}."
+    return {int(path.name.split(after_host, 1)[1].split(".")[0])
+            for path in pathlib.Path(event_dir).glob("events.out.tfevents.*")}
 
 
 def test_cost_verdict_names_cheaper_device_and_break_even_speedup():
@@ -82,24 +120,76 @@ def test_bad_price_per_hour_on_the_cli_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "device").exists() or not any((tmp_path / "device").iterdir())
 
 
-def test_each_device_runs_in_its_own_subprocess_and_a_failing_one_is_reported(
-        tmp_path, tiny_images):
-    metrics = device.run(tiny(devices="cpu,gpu:99"), str(tmp_path), tiny_images)
+def test_with_a_gpu_listed_each_device_runs_in_its_own_subprocess_and_a_failing_one_is_reported(
+        tmp_path, tiny_images, monkeypatch):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin", "GPU 0: Fake GPU (UUID: GPU-0)"))
+    workers = watch_workers(monkeypatch)
+    metrics = device.run(tiny(devices="cpu,gpu:99"), str(tmp_path / "run"), tiny_images)
+    run_dir = tmp_path / "run"
 
+    # A GPU is listed, so the CPU job ran in a subprocess that saw no GPU, gpu:99 in one
+    # that saw only it; the CPU's curves were written by its worker, not by this process.
+    assert workers == ["", "99"]
+    pids = writer_pids(run_dir / "cpu" / "train")
+    assert pids and os.getpid() not in pids
     # The CPU job ran and was measured, in a subprocess that left its log behind.
     assert_median_throughput(metrics, "cpu_examples_per_sec", "cpu_step_time_ms_p50", 20)
     assert metrics["cpu_first_call_s"] <= metrics["cpu_wall_time_s"] < metrics["cpu_process_time_s"]
     assert metrics["cpu_compute_share"] == pytest.approx(
         metrics["cpu_compute_floor_s"] / metrics["cpu_wall_time_s"])
-    assert "loss:" in (tmp_path / "cpu.log").read_text()  # the worker's own fit output
+    assert "loss:" in (run_dir / "cpu.log").read_text()  # the worker's own fit output
     # gpu:99 does not exist here: reported, not fatal, and left out of the verdict.
     assert metrics["devices_failed"] == 1
     assert "gpu:99 is not visible" in metrics["gpu99_error"]
     assert "gpu99_wall_time_s" not in metrics and metrics["cheapest_device"] == "cpu"
-    tags = read_tensorboard_tags(tmp_path / "cpu")
+    tags = read_tensorboard_tags(run_dir / "cpu")
     assert {"job/wall_time_s", "job/cost_usd", "job/examples_per_sec"} <= set(tags)
     assert tags["job/cost_usd"][0] == pytest.approx(metrics["cpu_cost_usd"], rel=1e-5)
-    assert len(read_tensorboard_tags(tmp_path / "cpu" / "train")["epoch_loss"]) == 1
+    assert len(read_tensorboard_tags(run_dir / "cpu" / "train")["epoch_loss"]) == 1
+
+
+def test_without_a_gpu_the_cpu_job_runs_in_this_process_and_logs_like_a_worker(
+        tmp_path, tiny_images, monkeypatch):
+    if device.accelerator_count():
+        pytest.skip("the backend sees a GPU here, which the job would run on")
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin", "No devices were found"))
+    workers = watch_workers(monkeypatch)
+    metrics = device.run(tiny(epochs=2), str(tmp_path / "run"), tiny_images)
+    run_dir = tmp_path / "run"
+
+    assert workers == []  # no Python process was started ...
+    assert writer_pids(run_dir / "cpu" / "train") == {os.getpid()}  # ... this one trained
+    assert_median_throughput(metrics, "cpu_examples_per_sec", "cpu_step_time_ms_p50", 20)
+    assert metrics["cpu_first_call_s"] <= metrics["cpu_wall_time_s"] < metrics["cpu_process_time_s"]
+    assert "loss:" in (run_dir / "cpu.log").read_text()  # fit's output went to its log
+    assert len(read_tensorboard_tags(run_dir / "cpu" / "train")["epoch_loss"]) == 2
+    assert metrics["cpu_cost_usd"] == pytest.approx(
+        read_tensorboard_tags(run_dir / "cpu")["job/cost_usd"][0], rel=1e-5)
+
+
+# main.py as it runs from a shell, which says at exit whether TensorFlow was ever imported.
+IMPORT_PROBE = """import atexit, os, runpy, sys
+atexit.register(lambda: print("PARENT", os.getpid(), "tensorflow" in sys.modules, flush=True))
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_a_cpu_only_run_on_jax_never_imports_tensorflow_and_trains_in_the_parent(tmp_path):
+    write_idx_set(tmp_path, n_train=60, n_test=20)
+    env = {**ENV, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "PATH": fake_nvidia_smi(tmp_path / "bin", "No devices were found")}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, "--recipe=device",
+                           "--dataset=fashion_mnist", f"--data_dir={tmp_path}", "--epochs=1",
+                           "--batch_size=20", "--hidden_units=16", f"--logdir={tmp_path / 'runs'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, pid, imported = next(line for line in proc.stdout.splitlines()
+                            if line.startswith("PARENT ")).split()
+    assert imported == "False", "the parent imported tensorflow"
+    run_dir = only_run_dir(tmp_path / "runs", "device")
+    assert writer_pids(run_dir / "cpu" / "train") == {int(pid)}  # the job ran in that process
+    assert '"cpu_backend": "jax"' in (run_dir / "metrics.json").read_text()
 
 
 def test_batch_larger_than_the_data_is_rejected_before_training(tmp_path, tiny_images):
@@ -147,7 +237,7 @@ def test_nan_loss_in_the_worker_ends_the_run_with_the_workers_own_message(tmp_pa
     assert not (run_dir / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("pipeline", ["arrays", "tf_data"])
+@pytest.mark.parametrize("pipeline", ["arrays", "keras_arrays", "tf_data"])
 def test_steps_per_execution_zero_runs_a_whole_epoch_per_compiled_call(pipeline, tiny_images):
     weights = device.initial_weights(28 * 28, 16, 10, seed=0)
     r = device.train_job(tiny(pipeline=pipeline, epochs=2), tiny_images, weights)
