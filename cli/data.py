@@ -46,6 +46,8 @@ def load(command, model=None):
             spec[key] = getattr(config, key)
     dataset = fv.dataset or ("directory" if fv.data_dir
                              else getattr(module, "DEFAULT_DATASET", "shapes"))
+    if spec["form"] == "arrays_or_directory":  # a folder as a folder, anything else as arrays
+        spec["form"] = "directory" if dataset == "directory" else "arrays"
     if model is None or dataset == "npz":
         data = datasets.load(dataset, fv.data_dir, seed=fv.seed, **spec)
         return dataset, (check_npz_fits(model, command.model_path, data) if model else data)

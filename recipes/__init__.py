@@ -6,13 +6,16 @@ without loading TensorFlow; main.py imports only the chosen module.
 The contract between main.py (through cli/) and a recipe module
 -----------------------------------------------------------------
 Each recipe is one file that stands alone (drop-in: it imports only public
-libraries, never cli/, datasets/ or main.py). It offers:
+libraries, never cli/, datasets/ or main.py); the one exception is `advise`,
+which composes the other recipes (recipes.mixed_precision, .stream, .prune) and
+is copied with recipes/ whole. It offers:
 
 Config        a dataclass of the recipe's knobs. Each field becomes a flag of
               the same name, typed by its annotation, with the field's trailing
               comment as its help (cli/flags.py). `__post_init__` raises
               ValueError for values it rejects.
-DATA          what the recipe trains on: {"form": "arrays" | "directory",
+DATA          what the recipe trains on: {"form": "arrays" | "directory" |
+              "arrays_or_directory" (a folder as a folder, other datasets as arrays),
               "image_size", "channels", "examples": (n_train, n_val)} (see
               datasets/__init__.py); Config.image_size/.channels override it.
 DEFAULT_DATASET  optional, only where the default is not the generated `shapes`.
@@ -57,4 +60,6 @@ RECIPES = {
                "the same job on CPU and each GPU, with time, cost and a verdict"),
     "profile": ("recipes.tf_profile",
                 "profiler trace, CPU/GPU utilization and memory, input-bound verdict"),
+    "advise": ("recipes.advise",
+               "measured advice for your model: ranked speedups, applied together as proof"),
 }

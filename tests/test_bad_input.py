@@ -79,6 +79,11 @@ CASES = {
     "profile_steps_reversed": (["--recipe=profile", "--profile_steps=15,10"], "--profile_steps must be"),
     "stream_unknown_loader": (["--recipe=stream", "--loader=pandas"], "--loader"),
     "stream_tiny_images": (["--recipe=stream", "--image_size=4"], "--image_size must be at least"),
+    "advise_no_budget": (["--recipe=advise", "--budget_s=0"], "--budget_s must be > 0"),
+    "advise_max_batch_below_batch": (["--recipe=advise", "--max_batch_size=16"],
+                                     "--max_batch_size (16) must be at least --batch_size (32)"),
+    "advise_one_class_folder": (["--recipe=advise", "--data_dir={root}/one_class"],
+                                "one class folder (cats)"),
 }
 
 

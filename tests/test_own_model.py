@@ -75,6 +75,7 @@ RUNS = {  # recipe: its flags for a run of a few steps
     "profile": ["--epochs=1", "--batch_size=4", "--profile_steps=1,2"],
     "stream": ["--epochs=1", "--batch_size=4", "--input_batches=2", "--compare"],
     "prune": ["--epochs=1", "--batch_size=8"],
+    "advise": ["--budget_s=10", "--repeats=1", "--batch_size=8", "--max_batch_size=16"],
 }
 
 
