@@ -653,6 +653,13 @@ def export_tflite(model, run_dir, x_check):
     return out
 
 
+def left_in_float(model):
+    """Names of the kernel layers model.quantize("int8") leaves in float: all but Dense
+    and EinsumDense (convolutions, for one)."""
+    return [layer.name for layer in all_layers(model) if kernel_of(layer) is not None
+            and not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+
+
 def keras_int8(model, run_dir, x_val, y_val):
     """Keras' own model.quantize("int8") of a copy: accuracy, gzip size, reload check,
     and the layers it left in float (it quantizes Dense and EinsumDense only)."""
@@ -664,9 +671,7 @@ def keras_int8(model, run_dir, x_val, y_val):
     write_atomically(path, copy.save)
     reload_ok, _ = predictions_match(copy, keras.models.load_model(path, compile=False),
                                      x_val[:256])
-    left = [layer.name for layer in all_layers(copy)
-            if kernel_of(layer) is not None and not isinstance(
-                layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+    left = left_in_float(copy)
     return {"keras_int8_accuracy": accuracy(copy, x_val, y_val),
             "keras_int8_gzip_bytes": gzip_bytes(path), "keras_int8_reload_matches": reload_ok,
             "keras_int8_unquantized_layers": ", ".join(left) or "none"}
