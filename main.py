@@ -32,7 +32,7 @@ def prepare(argv):
     command = flags.parse(argv, __doc__)
     if command is None:
         return None
-    strategy = distribute.for_command(command)  # before any TensorFlow op runs
+    strategy, fit = distribute.for_command(command)  # before any TensorFlow op runs
     fv = command.values
     model = (models.load(command.model_path, fv.trust_model, fv.model_code)
              if command.model_path else None)
@@ -40,7 +40,8 @@ def prepare(argv):
     given = {"model": model} if model is not None else {}
     if hasattr(command.module, "check"):
         command.module.check(command.config, inputs, **given)
-    extra = {**given, **({"strategy": strategy} if strategy is not None else {})}
+    extra = {**given, **({"strategy": strategy} if strategy is not None else {}),
+             **({"fit": fit} if fit is not None else {})}
     run = runs.prepare(command, dataset, chief=distribute.is_chief())  # the folder comes last
     return command, extra, inputs, run
 

@@ -1,40 +1,65 @@
-"""--strategy for the CLI: TensorFlow's own tf.distribute strategies, chosen by name.
+"""--strategy for the CLI: TensorFlow's tf.distribute, or Keras' own keras.distribution on JAX.
 
 main.py creates the strategy before anything else touches TensorFlow (a
 MultiWorkerMirroredStrategy must exist before the first op runs) and hands it
-to recipes that declare TAKES_STRATEGY = True (their run() takes `strategy=`).
+to recipes that list the name in their STRATEGIES (their run() takes
+`strategy=` and `fit=`).
 
-    auto          mirrored when more than one GPU is visible, else default
-    default       one device (the no-op strategy)
-    mirrored      all local GPUs, gradients all-reduced each step
-    multi_worker  every worker listed in the standard TF_CONFIG environment
-                  variable; BUILD.md shows how to launch it
-    tpu           a TPU found by TPUClusterResolver
+    auto           several local accelerators: mirrored (TensorFlow) or
+                   data_parallel (JAX); else one device
+    default        one device (the no-op strategy)
+    mirrored       TensorFlow: all local GPUs, gradients all-reduced each step
+    multi_worker   TensorFlow: every worker listed in the standard TF_CONFIG
+                   environment variable (BUILD.md shows how to launch it);
+                   trained by fit_by_strategy_run, since Keras 3's fit fails there
+    data_parallel  JAX: keras.distribution.DataParallel over all local devices
+    tpu            TensorFlow: a TPU found by TPUClusterResolver
 """
 import json
 import os
 
 from cli import UsageError
 
-NAMES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+NAMES = ("auto", "default", "mirrored", "multi_worker", "data_parallel", "tpu")
+TENSORFLOW_ONLY = ("mirrored", "multi_worker", "tpu")
 
 
 def for_command(command):
-    """The strategy to pass to the recipe's run(), or None for a one-device recipe."""
+    """(strategy, fit) for the recipe's run(), each None where the recipe's default serves."""
     name, fv = command.values.strategy, command.values
     if name not in NAMES:  # first, whatever the recipe
         raise UsageError(f"unknown --strategy={name}; choose one of {', '.join(NAMES)}")
-    if not getattr(command.module, "TAKES_STRATEGY", False):
-        if name not in ("auto", "default"):
-            raise UsageError(f"--strategy={name} is not supported by --recipe={command.name} "
-                             "(README: which recipes support which strategy)")
-        return None
+    supported = getattr(command.module, "STRATEGIES", ())
+    if name in ("auto", "default") and not supported:
+        return None, None  # without importing keras: device's parent process stays light
+    import keras  # Deferred, like TensorFlow: --help must stay instant.
+
+    backend = keras.backend.backend()
+    if backend == "jax" and name in TENSORFLOW_ONLY:
+        raise UsageError(f"--strategy={name} is TensorFlow's (tf.distribute); on "
+                         "KERAS_BACKEND=jax use --strategy=data_parallel")
+    if backend != "jax" and name == "data_parallel":
+        raise UsageError(f"--strategy=data_parallel is Keras' JAX distribution; on "
+                         f"KERAS_BACKEND={backend} use --strategy=mirrored")
+    if name not in ("auto", "default") and name not in supported:
+        raise UsageError(f"--strategy={name} is not supported by --recipe={command.name} "
+                         "(README: which recipes support which strategy)")
     if fv.resume and name == "multi_worker":
-        raise UsageError("--resume is not supported with --strategy=multi_worker")
-    return make(name)
+        raise UsageError("--resume is not supported with --strategy=multi_worker: each worker "
+                         "would need the chief's checkpoint, and only the chief keeps a run "
+                         "folder; run it again without --resume")
+    strategy = make(name, backend)
+    return strategy, (fit_by_strategy_run if name == "multi_worker" else None)
 
 
-def make(name):
+def make(name, backend):
+    if backend == "jax":
+        import keras
+
+        devices = keras.distribution.list_devices()
+        if name == "data_parallel" or (name == "auto" and len(devices) > 1):
+            return keras.distribution.DataParallel(devices=devices)
+        return None
     import tensorflow as tf  # Deferred: main.py --help must not load TensorFlow.
 
     if name == "auto":
@@ -44,13 +69,7 @@ def make(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                                "(cluster and task); see BUILD.md")
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except ValueError:
-            raise UsageError("TF_CONFIG is not valid JSON; see BUILD.md") from None
+        check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -59,6 +78,27 @@ def make(name):
     except (ValueError, tf.errors.OpError) as e:
         raise UsageError(f"--strategy=tpu: no TPU found ({str(e).splitlines()[0]})") from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def check_tf_config(text):
+    """UsageError (one line) unless TF_CONFIG names a cluster and this process's task in it."""
+    if text is None:
+        raise UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                         "(cluster and task); see BUILD.md")
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise UsageError("TF_CONFIG is not valid JSON; see BUILD.md") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UsageError('TF_CONFIG needs "cluster" and "task" objects, e.g. {"cluster": '
+                         '{"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                         '"index": 0}}; see BUILD.md')
+    members = cluster.get(task.get("type"))
+    index = task.get("index", 0)
+    if not isinstance(members, list) or not isinstance(index, int) or not 0 <= index < len(members):
+        raise UsageError(f"TF_CONFIG's task {task} is not in its cluster {cluster}; see BUILD.md")
 
 
 def is_chief():
@@ -73,3 +113,78 @@ def is_chief():
         return True
     has_chief = "chief" in config.get("cluster", {})
     return not task or (task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief)
+
+
+def fit_by_strategy_run(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+                        callbacks=None, validation_data=None, shuffle=True, initial_epoch=0,
+                        steps_per_epoch=None):
+    """keras.Model.fit for MultiWorkerMirroredStrategy, with the same arguments and result.
+
+    Keras 3's fit fails under MultiWorkerMirroredStrategy ("Attempt to convert a
+    value (PerReplica...)", keras-team/keras#20585, reproduced here), while the
+    model's own train_step and test_step run fine under strategy.run. So this
+    is fit's epoch loop around them: the model's compiled loss, metrics and
+    optimizer (loss scaling included), the callbacks (TensorBoard, checkpoints,
+    progress lines, stop_training) as fit calls them. The model must have been
+    built and compiled under the strategy's scope.
+    """
+    import keras
+    import tensorflow as tf
+
+    strategy = model.distribute_strategy
+
+    def dataset(x, y):
+        if isinstance(x, tf.data.Dataset):
+            return x
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(len(x), reshuffle_each_iteration=True)
+        return ds.batch(batch_size or 32, drop_remainder=True)
+
+    train = strategy.experimental_distribute_dataset(dataset(x, y))
+    val = None
+    if validation_data is not None:
+        val_ds = (validation_data if isinstance(validation_data, tf.data.Dataset)
+                  else dataset(*validation_data[:2]))
+        val = strategy.experimental_distribute_dataset(val_ds)
+    train_step = tf.function(lambda data: strategy.run(model.train_step, args=(data,)))
+    test_step = tf.function(lambda data: strategy.run(model.test_step, args=(data,)))
+
+    def results():
+        return {k: float(v) for k, v in model.get_metrics_result().items()}
+
+    callback_list = keras.callbacks.CallbackList(
+        callbacks, add_history=True, add_progbar=verbose != 0, model=model,
+        verbose=2 if verbose == "auto" else verbose, epochs=epochs, steps=steps_per_epoch)
+    model.stop_training = False
+    callback_list.on_train_begin()
+    logs = {}
+    iterator = iter(train)
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        callback_list.on_epoch_begin(epoch)
+        if steps_per_epoch is None:
+            iterator = iter(train)  # a finite dataset: one pass per epoch
+        step = 0
+        while steps_per_epoch is None or step < steps_per_epoch:
+            data = next(iterator, None)
+            if data is None:
+                break
+            callback_list.on_train_batch_begin(step)
+            outputs = train_step(data)
+            callback_list.on_train_batch_end(
+                step, {k: strategy.experimental_local_results(v)[0] for k, v in outputs.items()})
+            step += 1
+            if model.stop_training:
+                break
+        logs = results()
+        if val is not None:
+            model.reset_metrics()
+            for data in val:
+                test_step(data)
+            logs.update({f"val_{k}": v for k, v in results().items()})
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end(logs)
+    return model.history

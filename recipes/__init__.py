@@ -22,8 +22,14 @@ DEFAULT_DATASET  optional, only where the default is not the generated `shapes`.
 HEADLINE      the metric names printed at the end of a run.
 RESUMABLE     optional, True when run() continues a killed run found in its
               run folder (per-epoch checkpoints): --resume is accepted.
-TAKES_STRATEGY  optional, True when run() takes `strategy=` (a tf.distribute
-              strategy); other recipes accept only --strategy=auto/default.
+STRATEGIES    optional, the --strategy names run() takes besides auto/default
+              (mirrored, multi_worker, tpu: tf.distribute; data_parallel:
+              keras.distribution on JAX). Such a run() takes `strategy=` (the
+              strategy object, None for one device; batch sizes are then per
+              replica, the learning rate scales with the replica count, only
+              the chief writes) and `fit=`, called like keras.Model.fit(model,
+              ...), which is its default: the CLI passes its strategy.run loop
+              (cli/distribute.py) for multi_worker, where Keras 3's fit fails.
 check(config, data)  optional: raises ValueError, one line, for data (or
               weights, or settings that depend on the data) the recipe cannot
               run on. main.py calls it before it makes the run folder; run()

@@ -34,6 +34,7 @@ Copy:   this file alone works in any project with tensorflow and keras:
         sizes are then per replica). Running it again on the same folder
         continues a killed sweep from its last finished epoch.
 """
+import contextlib
 import dataclasses
 import glob
 import json
@@ -48,7 +49,7 @@ import tensorflow as tf
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
 RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed sweep
-TAKES_STRATEGY = True  # run() takes strategy=: tf.distribute scales the sweep out
+STRATEGIES = ("mirrored", "multi_worker", "data_parallel", "tpu")  # run(strategy=, fit=)
 TAKES_MODEL = True  # run() takes model=: your keras.Model, swept instead of the classifier
 HEADLINE = ("best_batch_size", "best_examples_per_sec", "best_val_accuracy",
             "throughput_ratio_largest_vs_smallest", "wall_time_s")
@@ -137,50 +138,45 @@ def model_maker(model, input_shape, num_classes):
     return make, reference
 
 
-def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run_dir, strategy):
+def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run_dir, strategy,
+                        fit):
     """Trains a fresh copy of the model from make_model(); returns its measurements.
 
     `batch_size` is per replica; each step takes batch_size * replicas examples.
     A checkpoint left by a killed run of the same folder is continued.
     """
     (x_train, y_train), (x_val, y_val) = data
-    global_batch = min(batch_size * strategy.num_replicas_in_sync, len(x_train))
+    global_batch = min(batch_size * replica_count(strategy), len(x_train))
     log_dir = os.path.join(run_dir, f"batch_{batch_size}")
     train_ds = make_dataset(x_train, y_train, global_batch, config.seed,
                             repeat=config.steps_per_epoch is not None)
-    if config.steps_per_epoch is not None:
-        train_ds = train_ds.take(config.steps_per_epoch)  # same cap for fit and the custom loop
     val_ds = make_dataset(x_val, y_val, global_batch, config.seed, shuffle=False)
     checkpoint_dir = os.path.join(run_dir, "checkpoints", f"batch_{batch_size}")
-    checkpoint, epochs_done = latest_checkpoint(checkpoint_dir)
+    checkpoint, saved = latest_checkpoint(checkpoint_dir)
     start = time.perf_counter()
-    with strategy.scope():
+    timer = StepTimer()
+    timer.seconds = list(saved["state"].get("step_seconds", []))  # the killed run's steps count
+    with distribution_scope(strategy):
+        model, loss, metrics = make_model()
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
+                      metrics=metrics)
         if checkpoint:
-            print(f"Resuming batch size {batch_size} after epoch {epochs_done} from {checkpoint}")
-            model = keras.models.load_model(checkpoint)
-        else:
-            model, loss, metrics = make_model()
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                          metrics=metrics)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        history, seconds = fit_distributed(model, model.optimizer, model.loss, train_ds, val_ds,
-                                           config.epochs, strategy, log_dir)
-    else:
-        timer = StepTimer()
-        history = model.fit(
-            train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=epochs_done,
+            print(f"Resuming batch size {batch_size} after epoch {saved['epochs_done']} "
+                  f"from {checkpoint}")
+            restore(model, checkpoint)
+        history = fit(
+            model, train_ds, validation_data=val_ds, epochs=config.epochs,
+            initial_epoch=saved["epochs_done"], steps_per_epoch=config.steps_per_epoch,
             shuffle=False,  # make_dataset shuffles; fit's own flag only warns for tf.data
             verbose=2, callbacks=[
                 timer, keras.callbacks.TerminateOnNaN(),
                 keras.callbacks.TensorBoard(log_dir=log_dir),
-                EpochCheckpoint(checkpoint_dir, config.epochs)]).history
-        seconds = timer.seconds
-    check_finite(history["loss"][-1], batch_size, learning_rate)
-    if strategy.extended.should_checkpoint:  # the chief keeps the trained model
-        write_atomically(os.path.join(log_dir, "model.keras"), model.save)
-    warmup = config.warmup_steps if not checkpoint else 1  # a resumed run compiles once more
-    return {**throughput(seconds, global_batch, warmup),
-            "val_loss": history["val_loss"][-1], "val_accuracy": history["val_accuracy"][-1],
+                EpochCheckpoint(checkpoint_dir, lambda: {"step_seconds": timer.seconds})])
+    logs = final_logs(history, saved)
+    check_finite(logs["loss"], batch_size, learning_rate)
+    write_atomically(os.path.join(log_dir, "model.keras"), model.save)
+    return {**throughput(timer.seconds, global_batch, config.warmup_steps),
+            "val_loss": logs["val_loss"], "val_accuracy": logs["val_accuracy"],
             "learning_rate": learning_rate, "wall_time_s": time.perf_counter() - start}
 
 
@@ -223,22 +219,25 @@ def check(config, data, model=None):
         classifier_loss(model, num_classes_of(data))
 
 
-def run(config, run_dir, data, strategy=None, model=None):
+def run(config, run_dir, data, strategy=None, fit=None, model=None):
     """Sweeps the batch sizes; returns flat metrics for metrics.json.
 
-    `strategy` is a tf.distribute strategy (default: the one-device default);
-    batch sizes are per replica. Batch sizes already finished in `run_dir`
+    `strategy`: a tf.distribute strategy, or on JAX a keras.distribution
+    (DataParallel), or None for one device; batch sizes are per replica.
+    `fit`: called like keras.Model.fit(model, dataset, ...) (the default); the
+    CLI passes a strategy.run loop for MultiWorkerMirroredStrategy, where
+    Keras' fit fails. Batch sizes already finished in `run_dir`
     (a resumed run) are read back instead of trained again. `model`: None for
     this recipe's classifier, your keras.Model (each batch size trains a copy
     from its weights; yours is never changed) or fn(input_shape, num_classes).
     """
     start = time.perf_counter()
     check(config, data, model)
-    strategy = strategy or tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
+    fit = fit or keras.Model.fit
+    replicas = replica_count(strategy)
     keras.utils.set_random_seed(config.seed)
     (x_train, _), _ = data
-    with strategy.scope():
+    with distribution_scope(strategy):
         make_model, reference = model_maker(model, x_train.shape[1:], num_classes_of(data))
     results = {}
     for batch_size in config.batch_sizes:
@@ -252,7 +251,7 @@ def run(config, run_dir, data, strategy=None, model=None):
         lr *= replicas if config.scale_lr_with_replicas else 1
         print(f"\n== batch size {batch_size} x {replicas} replica(s) (learning rate {lr:.2e}) ==")
         results[batch_size] = train_at_batch_size(make_model, data, batch_size, lr, config,
-                                                  run_dir, strategy)
+                                                  run_dir, strategy, fit)
         os.makedirs(os.path.dirname(result_file), exist_ok=True)
         write_atomically(result_file, lambda partial: save_json(partial, results[batch_size]))
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # the sweep is done
@@ -272,100 +271,6 @@ def run(config, run_dir, data, strategy=None, model=None):
                                               / results[smallest]["examples_per_sec"]),
         wall_time_s=time.perf_counter() - start)
     return metrics
-
-
-# --- scaling out and resuming: per-epoch checkpoints, the multi-worker loop ----------
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Model and optimizer saved after each epoch but the last, atomically.
-
-    Each save goes to a temporary name and is renamed to epoch_NNNN.keras, so a
-    kill mid-save leaves the previous checkpoint whole. (Keras' BackupAndRestore
-    writes in place.) The last epoch needs none: the sweep records its result.
-    """
-
-    def __init__(self, folder, epochs):
-        super().__init__()
-        self.folder, self.epochs = folder, epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.epochs:
-            return
-        os.makedirs(self.folder, exist_ok=True)
-        write_atomically(os.path.join(self.folder, f"epoch_{epoch + 1:04d}.keras"),
-                         self.model.save)
-        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
-            os.remove(older)
-
-
-def latest_checkpoint(folder):
-    """(path, epochs done) of the newest whole checkpoint, or (None, 0)."""
-    found = sorted(glob.glob(os.path.join(folder, "epoch_*.keras")))
-    if not found:
-        return None, 0
-    return found[-1], int(os.path.basename(found[-1])[len("epoch_"):-len(".keras")])
-
-
-def fit_distributed(model, optimizer, loss, train_ds, val_ds, epochs, strategy, log_dir):
-    """What fit does, as a custom loop over strategy.run, for MultiWorkerMirroredStrategy.
-
-    Keras 3's fit fails under MultiWorkerMirroredStrategy ("Attempt to convert
-    a value (PerReplica...)", keras-team/keras#20585), while the same Keras
-    model, optimizer and loss run fine in a tf.function step under
-    strategy.run. Returns (history dict, seconds per training step) and logs
-    epoch_loss/epoch_accuracy like keras.callbacks.TensorBoard does.
-    """
-    global_batch = int(next(iter(train_ds))[0].shape[0])
-    binary = model.output_shape[-1] == 1
-
-    def loss_and_correct(x, y, training):
-        pred = model(x, training=training)
-        y_true = tf.cast(tf.expand_dims(y, -1), pred.dtype) if binary else y
-        per_example = loss.call(y_true, pred)
-        label = tf.cast(pred[:, 0] > 0.5, tf.int64) if binary else tf.argmax(pred, -1)
-        correct = tf.reduce_sum(tf.cast(label == tf.cast(y, tf.int64), tf.float32))
-        return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch), correct
-
-    def train_replica(x, y):
-        with tf.GradientTape() as tape:
-            step_loss, correct = loss_and_correct(x, y, True)
-        grads = tape.gradient(step_loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return step_loss, correct
-
-    def reduced(fn, x, y):
-        step_loss, correct = strategy.run(fn, args=(x, y))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, step_loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
-
-    train_step = tf.function(lambda x, y: reduced(train_replica, x, y))
-    val_step = tf.function(lambda x, y: reduced(lambda a, b: loss_and_correct(a, b, False), x, y))
-    writers = {split: tf.summary.create_file_writer(os.path.join(log_dir, split))
-               for split in ("train", "validation")}
-    history, seconds = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}, []
-    for epoch in range(epochs):
-        for prefix, ds, step in (("", train_ds, train_step), ("val_", val_ds, val_step)):
-            losses, correct, seen = [], 0.0, 0
-            for x, y in strategy.experimental_distribute_dataset(ds):
-                start = time.perf_counter()
-                step_loss, step_correct = step(x, y)
-                losses.append(float(step_loss))
-                if not prefix:
-                    seconds.append(time.perf_counter() - start)
-                correct, seen = correct + float(step_correct), seen + global_batch
-            history[prefix + "loss"].append(float(np.mean(losses)))
-            history[prefix + "accuracy"].append(correct / seen)
-            with writers["validation" if prefix else "train"].as_default():
-                tf.summary.scalar("epoch_loss", history[prefix + "loss"][-1], step=epoch)
-                tf.summary.scalar("epoch_accuracy", history[prefix + "accuracy"][-1], step=epoch)
-        print(f"Epoch {epoch + 1}/{epochs} - loss: {history['loss'][-1]:.4f} - accuracy: "
-              f"{history['accuracy'][-1]:.4f} - val_loss: {history['val_loss'][-1]:.4f} - "
-              f"val_accuracy: {history['val_accuracy'][-1]:.4f}", flush=True)
-        if not np.isfinite(history["loss"][-1]):
-            break
-    for writer in writers.values():
-        writer.close()
-    return history, seconds
 
 
 def save_json(path, payload):
@@ -428,6 +333,86 @@ def classifier_loss(model, num_classes):
             "sparse categorical cross-entropy from logits (its output has no softmax)")
 
 # --- end of model kit ------------------------------------------------------------------
+
+
+# --- scale-out kit: the same text in every recipe that takes --strategy and --resume -----
+# (strategy: a tf.distribute strategy, a keras.distribution.Distribution on JAX, or None
+# for one device. Under multi_worker every worker saves, since TensorFlow's saving runs
+# collective ops that all workers must join: give each its own run_dir (main.py gives
+# the others a temporary one). tests/test_kit.py fails if a copy differs)
+
+def replica_count(strategy):
+    """How many replicas split each step (batch sizes are per replica)."""
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "num_replicas_in_sync"):  # tf.distribute
+        return strategy.num_replicas_in_sync
+    return int(np.prod(strategy.device_mesh.shape))  # keras.distribution.DataParallel
+
+
+def distribution_scope(strategy):
+    """Where models are built, compiled and fit: the strategy's scope, if any."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch: the model with its optimizer, and the recipe's own state, atomically.
+
+    epoch_NNNN.json (the epoch's logs and state()) is written first, then the
+    model goes to a temporary name renamed epoch_NNNN.keras, so a kill at any
+    moment leaves the previous pair whole; latest_checkpoint trusts only a
+    .keras that has its .json. (Keras' BackupAndRestore writes in place.) Put
+    it after the TensorBoard callback: the epoch's point is flushed to disk
+    before the checkpoint that makes a resumed run skip that epoch.
+    """
+
+    def __init__(self, folder, state=None):
+        super().__init__()
+        self.folder, self.state = folder, state or dict
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.folder, exist_ok=True)
+        stem = os.path.join(self.folder, f"epoch_{epoch + 1:04d}")
+        payload = {"epochs_done": epoch + 1, "state": self.state(),
+                   "logs": {k: float(v) for k, v in (logs or {}).items()}}
+
+        def dump(partial):
+            with open(partial, "w") as f:
+                json.dump(payload, f)
+        write_atomically(stem + ".json", dump)
+        write_atomically(stem + ".keras", self.model.save)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+            os.remove(older[:-len(".keras")] + ".json")
+
+
+def latest_checkpoint(folder):
+    """(path, {"epochs_done", "state", "logs"}) of the newest whole checkpoint in folder,
+    or (None, {"epochs_done": 0, "state": {}, "logs": {}})."""
+    for path in sorted(glob.glob(os.path.join(folder, "epoch_*.keras")), reverse=True):
+        try:
+            with open(path[:-len(".keras")] + ".json") as f:
+                return path, json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None, {"epochs_done": 0, "state": {}, "logs": {}}
+
+
+def restore(model, checkpoint):
+    """Loads a checkpoint's weights and optimizer state (its step count, so schedules go
+    on where they were) into the same model, built and compiled afresh (under the
+    strategy's scope): no custom objects to register, the run's own code rebuilds it."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoint)
+
+
+def final_logs(history, saved):
+    """The last epoch's logs: from this fit's history, or, when the killed run had finished
+    every epoch already (so fit ran none), from its checkpoint."""
+    return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
+
+# --- end of scale-out kit ----------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -71,8 +71,8 @@ def test_ctrl_c_keeps_checkpoint_and_exits_130(tmp_path):
     assert error_lines(stderr)[-1].startswith("error: interrupted; run folder kept")
     run_dir = only_run_dir(logdir, "batch")
     assert (run_dir / "INTERRUPTED").exists() and not (run_dir / "metrics.json").exists()
-    checkpoint, epochs_done = batch.latest_checkpoint(str(run_dir / "checkpoints" / "batch_4"))
-    assert epochs_done == 1
+    checkpoint, saved = batch.latest_checkpoint(str(run_dir / "checkpoints" / "batch_4"))
+    assert saved["epochs_done"] == 1
     import keras
     assert keras.models.load_model(checkpoint).optimizer is not None
 
@@ -81,7 +81,7 @@ def test_failed_checkpoint_save_leaves_previous_checkpoint_whole(tmp_path, tiny_
     (x, y), _ = tiny_images
     model, loss = batch.build_model(x.shape[1:], 10)
     model.compile(optimizer="adam", loss=loss)
-    saver = batch.EpochCheckpoint(str(tmp_path), epochs=5)
+    saver = batch.EpochCheckpoint(str(tmp_path))
     saver.set_model(model)
     saver.on_epoch_end(0)
 
@@ -93,8 +93,9 @@ def test_failed_checkpoint_save_leaves_previous_checkpoint_whole(tmp_path, tiny_
     model.save = crash_mid_write
     with pytest.raises(OSError):
         saver.on_epoch_end(1)
-    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.keras"]
-    assert batch.latest_checkpoint(str(tmp_path))[1] == 1
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.json", "epoch_0001.keras",
+                                            "epoch_0002.json"]  # 2's model never made it
+    assert batch.latest_checkpoint(str(tmp_path))[1]["epochs_done"] == 1
 
 
 def test_nan_loss_is_one_line_exit_1_and_no_metrics(tmp_path):

@@ -26,6 +26,10 @@ KITS = {
     "model": ("# --- model kit:", "# --- end of model kit",
               ("batch", "device", "mixed_precision", "prune", "stream", "tf_profile"),
               ("fresh_model", "output_activation", "classifier_loss")),
+    "scale-out": ("# --- scale-out kit:", "# --- end of scale-out kit",
+                  ("batch",),
+                  ("replica_count", "distribution_scope", "EpochCheckpoint",
+                   "latest_checkpoint", "restore", "final_logs")),
 }
 
 COMPOSED = ("advise",)  # the one recipe that is not drop-in: it imports the kits from a sibling
