@@ -11,6 +11,7 @@ folder left); 1 a failure once training started (one line naming the run
 folder, which is kept with all it holds); 130 Ctrl-C (the folder is kept and
 marked INTERRUPTED).
 """
+import gc
 import sys
 
 
@@ -27,6 +28,8 @@ def fail(message, code):
 def prepare(argv):
     """Everything before training, or None after --help. Bad input raises ValueError
     (UsageError, DataError, or the recipe's own from Config and check())."""
+    import inspect
+
     from cli import data, distribute, flags, models, runs
 
     command = flags.parse(argv, __doc__)
@@ -39,7 +42,9 @@ def prepare(argv):
     dataset, inputs = data.load(command, model)  # resized and scaled for the model's input
     given = {"model": model} if model is not None else {}
     if hasattr(command.module, "check"):
-        command.module.check(command.config, inputs, **given)
+        takes = inspect.signature(command.module.check).parameters
+        command.module.check(command.config, inputs, **given,
+                             **({"strategy": strategy} if "strategy" in takes else {}))
     extra = {**given, **({"strategy": strategy} if strategy is not None else {}),
              **({"fit": fit} if fit is not None else {})}
     run = runs.prepare(command, dataset, chief=distribute.is_chief())  # the folder comes last
@@ -55,6 +60,9 @@ def main(argv):
         return 0
     from cli import runs
 
+    # TensorFlow and Keras leave ~10^6 objects behind their imports; frozen, the
+    # collector stops walking them during training and at exit (~1 s less per run).
+    gc.freeze()
     command, extra, inputs, run = prepared
     runs.exit_on_interrupt(run)
     try:

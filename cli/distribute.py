@@ -25,7 +25,8 @@ TENSORFLOW_ONLY = ("mirrored", "multi_worker", "tpu")
 
 
 def for_command(command):
-    """(strategy, fit) for the recipe's run(), each None where the recipe's default serves."""
+    """(strategy, fit) for the recipe's run(), each None where the recipe's default serves
+    (strategy None: one device)."""
     name, fv = command.values.strategy, command.values
     if name not in NAMES:  # first, whatever the recipe
         raise UsageError(f"unknown --strategy={name}; choose one of {', '.join(NAMES)}")
@@ -65,7 +66,7 @@ def make(name, backend):
     if name == "auto":
         name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
     if name == "default":
-        return tf.distribute.get_strategy()
+        return None  # one device: the recipe's own default
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
@@ -139,7 +140,7 @@ def fit_by_strategy_run(model, x=None, y=None, batch_size=None, epochs=1, verbos
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if shuffle:
             ds = ds.shuffle(len(x), reshuffle_each_iteration=True)
-        return ds.batch(batch_size or 32, drop_remainder=True)
+        return ds.batch(batch_size or 32)  # the last batch short, as in fit
 
     train = strategy.experimental_distribute_dataset(dataset(x, y))
     val = None
@@ -159,12 +160,15 @@ def fit_by_strategy_run(model, x=None, y=None, batch_size=None, epochs=1, verbos
     model.stop_training = False
     callback_list.on_train_begin()
     logs = {}
+    # A dataset given with steps_per_epoch is taken as repeated: its epochs run on from one
+    # iterator, as in fit. Arrays become a finite dataset, read from the start each epoch.
+    continuing = steps_per_epoch is not None and isinstance(x, tf.data.Dataset)
     iterator = iter(train)
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         callback_list.on_epoch_begin(epoch)
-        if steps_per_epoch is None:
-            iterator = iter(train)  # a finite dataset: one pass per epoch
+        if not continuing and epoch > initial_epoch:
+            iterator = iter(train)
         step = 0
         while steps_per_epoch is None or step < steps_per_epoch:
             data = next(iterator, None)

@@ -30,10 +30,11 @@ SHARED_FLAGS = {
     "steps_per_epoch": (None, "optional cap on training steps per epoch"),
     "logdir": ("runs", "where run folders go: <logdir>/<recipe>/<UTC timestamp>"),
     "seed": (0, "random seed for data generation, splits and initial weights"),
-    "strategy": ("auto", "tf.distribute strategy: auto, default, mirrored, multi_worker (reads "
-                         "TF_CONFIG) or tpu; with several replicas --batch_size is per replica"),
-    "resume": (False, "continue the newest unfinished run of this same command from its last "
-                      "finished epoch, in the same run folder"),
+    "strategy": ("auto", "auto, default (one device), mirrored, multi_worker (reads TF_CONFIG) or "
+                         "tpu (tf.distribute), data_parallel (KERAS_BACKEND=jax); with several "
+                         "replicas --batch_size is per replica"),
+    "resume": (False, "continue the newest unfinished run of this recipe from its last "
+                      "finished epoch, in the same run folder (its settings must match)"),
     "model": (None, "your saved Keras model (.keras or .h5) to run the recipe on instead of its "
                     "own; the data is resized to its input (prune also takes dense or conv)"),
     "trust_model": (False, "load --model with Keras' safe mode off: only for a file you trust, "
@@ -236,4 +237,7 @@ def parse(argv, usage):
     if fv.resume and not getattr(module, "RESUMABLE", False):
         raise UsageError(f"--recipe={name} cannot resume (it keeps no per-epoch checkpoint)")
     config = build_config(module, fv, converters)
+    why_not = getattr(module, "why_not_resumable", lambda config: None)(config)
+    if fv.resume and why_not:
+        raise UsageError(f"--recipe={name} cannot resume here: {why_not}")
     return Command(name, module, fv, config, list(argv), model_choice(module, fv)[1])

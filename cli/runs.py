@@ -50,20 +50,54 @@ def check_writable(folder):
         raise UsageError(f"--logdir is not writable: {folder} ({e.strerror or e})") from None
 
 
-def _without_resume(args):
-    return [a for a in args if a.split("=")[0] not in ("--resume", "--noresume")]
+# What must match for --resume to continue a run: the recipe's Config, the dataset and
+# the shared flags, but not where the runs go or --resume itself.
+NOT_COMPARED = ("resume", "logdir")
 
 
-def find_resumable(recipe_dir, argv):
-    """The newest run folder of this same command that has no metrics.json yet."""
-    wanted = _without_resume(argv[1:])
+def run_settings(command, dataset):
+    """What flags.json records of a command, as JSON would give it back."""
+    fv = command.values
+    return json.loads(json.dumps({
+        "recipe": command.name, "dataset": dataset, "argv": command.argv[1:],
+        "config": dataclasses.asdict(command.config),
+        "flags": {name: fv[name].value for name in SHARED_FLAGS}}, default=str))
+
+
+def differences(saved, wanted):
+    """`name: there vs here` for each setting that differs between two flags.json payloads."""
+    out = []
+    for section in ("config", "flags"):
+        for name in sorted(set(saved.get(section, {})) | set(wanted[section])):
+            if name in NOT_COMPARED:
+                continue
+            there, here = saved.get(section, {}).get(name), wanted[section].get(name)
+            if there != here:
+                out.append(f"{name}: {there} there, {here} here")
+    if saved.get("dataset") != wanted["dataset"]:
+        out.append(f"dataset: {saved.get('dataset')} there, {wanted['dataset']} here")
+    return out
+
+
+def find_resumable(recipe_dir, wanted):
+    """The newest run folder of this recipe that has no metrics.json yet, or None.
+
+    UsageError when that run was started with other settings: continuing it
+    under this command's would mix two experiments in one folder.
+    """
     for run_dir in sorted(recipe_dir.iterdir(), reverse=True):
+        if (run_dir / "metrics.json").exists():
+            continue
         try:
-            flags_json = json.loads((run_dir / "flags.json").read_text())
+            saved = json.loads((run_dir / "flags.json").read_text())
         except (OSError, ValueError):
             continue
-        if _without_resume(flags_json.get("argv", [])) == wanted:
-            return None if (run_dir / "metrics.json").exists() else run_dir
+        changed = differences(saved, wanted)
+        if changed:
+            raise UsageError(f"--resume: the unfinished run {run_dir} was started with other "
+                             f"settings ({'; '.join(changed[:3])}): run its command again "
+                             "(its flags.json has it), or leave out --resume to start anew")
+        return run_dir
     return None
 
 
@@ -91,18 +125,16 @@ def prepare(command, dataset, chief):
     fv = command.values
     recipe_dir = pathlib.Path(fv.logdir) / command.name
     check_writable(recipe_dir)
+    settings = run_settings(command, dataset)
     if fv.resume:  # flags.parse has checked that the recipe is RESUMABLE
-        run_dir = find_resumable(recipe_dir, command.argv)
+        run_dir = find_resumable(recipe_dir, settings)
         if run_dir is not None:
             print(f"Resuming {run_dir}")
             (run_dir / "INTERRUPTED").unlink(missing_ok=True)
             return Run(run_dir, True)
         print("Nothing to resume for this command: starting a new run")
     run_dir = make_run_dir(recipe_dir)
-    write_json_atomically(run_dir / "flags.json", {
-        "recipe": command.name, "dataset": dataset, "argv": command.argv[1:],
-        "config": dataclasses.asdict(command.config),
-        "flags": {name: fv[name].value for name in SHARED_FLAGS}})
+    write_json_atomically(run_dir / "flags.json", settings)
     return Run(run_dir, True)
 
 

@@ -22,6 +22,8 @@ DEFAULT_DATASET  optional, only where the default is not the generated `shapes`.
 HEADLINE      the metric names printed at the end of a run.
 RESUMABLE     optional, True when run() continues a killed run found in its
               run folder (per-epoch checkpoints): --resume is accepted.
+why_not_resumable(config)  optional: a RESUMABLE recipe's reason (one line) why
+              it cannot continue a run of this Config, or None.
 STRATEGIES    optional, the --strategy names run() takes besides auto/default
               (mirrored, multi_worker, tpu: tf.distribute; data_parallel:
               keras.distribution on JAX). Such a run() takes `strategy=` (the

@@ -184,3 +184,15 @@ def load_benchmark(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def read_tensorboard_steps(event_dir):
+    """{tag: [steps]} of scalar-like summaries in one TensorBoard run folder, in file order:
+    a resumed run that logged an epoch twice shows its step twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(event_dir), size_guidance={"tensors": 0, "scalars": 0},
+                           purge_orphaned_data=False)  # show duplicates, never hide them
+    acc.Reload()
+    out = {tag: [e.step for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+    out.update({tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    return out

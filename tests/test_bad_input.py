@@ -4,11 +4,15 @@ The cases run main.main() in this process (one TensorFlow import for all of
 them); tests/test_cli.py checks a few of the same end to end in subprocesses.
 README's troubleshooting section lists these messages.
 """
+import dataclasses
+import json
+
 import pytest
 from PIL import Image
 
 import main
 from helpers import error_lines, write_idx_gz
+from recipes import batch
 
 
 def make_folders(root):
@@ -57,12 +61,28 @@ CASES = {
     "unknown_strategy_on_one_device_recipe": (["--recipe=transfer", "--strategy=bogus"],
                                               "unknown --strategy=bogus"),
     "multi_worker_without_tf_config": (BATCH + ["--strategy=multi_worker"], "needs the TF_CONFIG"),
-    "strategy_recipe_lacks": (["--recipe=transfer", "--strategy=mirrored"],
-                              "--strategy=mirrored is not supported by --recipe=transfer"),
+    "multi_worker_tf_config_not_json": (BATCH + ["--strategy=multi_worker"],
+                                        "TF_CONFIG is not valid JSON", {"TF_CONFIG": "{cluster"}),
+    "multi_worker_tf_config_without_task": (
+        BATCH + ["--strategy=multi_worker"], 'TF_CONFIG needs "cluster" and "task" objects',
+        {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}}'}),
+    "multi_worker_task_outside_cluster": (
+        BATCH + ["--strategy=multi_worker"], "is not in its cluster",
+        {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                      '"task": {"type": "worker", "index": 3}}'}),
+    "data_parallel_on_tensorflow": (BATCH + ["--strategy=data_parallel"],
+                                    "on KERAS_BACKEND=tensorflow use --strategy=mirrored"),
+    "strategy_recipe_lacks": (["--recipe=device", "--strategy=mirrored"],
+                              "--strategy=mirrored is not supported by --recipe=device"),
+    "prune_tfmot_engine_on_a_strategy": (
+        ["--recipe=prune", "--engine=tfmot", "--strategy=mirrored"],
+        "--engine=tfmot trains on one device: --strategy=mirrored needs --engine=keras"),
+    "resume_prune_tfmot": (["--recipe=prune", "--engine=tfmot", "--resume"],
+                           "--recipe=prune cannot resume here: --engine=tfmot keeps no per-epoch"),
     "resume_multi_worker": (BATCH + ["--strategy=multi_worker", "--resume"],
                             "--resume is not supported with --strategy=multi_worker"),
-    "resume_not_resumable": (["--recipe=transfer", "--resume", "--logdir={root}/runs"],
-                             "--recipe=transfer cannot resume"),
+    "resume_not_resumable": (["--recipe=device", "--resume", "--logdir={root}/runs"],
+                             "--recipe=device cannot resume"),
     # recipe flags
     "batch_sizes_not_numbers": (BATCH[:1] + ["--batch_sizes=8,x"], "--batch_sizes=8,x is not a list"),
     "batch_size_zero_in_sweep": (BATCH[:1] + ["--batch_sizes=0,8"], "--batch_sizes must be positive"),
@@ -91,7 +111,9 @@ CASES = {
 def test_bad_input_is_one_line_exit_2_and_no_results(case, tmp_path, capfd, monkeypatch):
     make_folders(tmp_path)
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    args, expected = CASES[case]
+    args, expected, env = (CASES[case] + ({},))[:3]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     args = [a.replace("{root}", str(tmp_path)) for a in args]
     if not any(a.startswith("--logdir") for a in args):
         args.append(f"--logdir={tmp_path / 'runs'}")
@@ -100,3 +122,22 @@ def test_bad_input_is_one_line_exit_2_and_no_results(case, tmp_path, capfd, monk
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert not list((tmp_path / "runs").glob("*/*"))  # no run folder, no partial result
+
+
+def test_resume_of_a_run_started_with_other_settings_is_one_line_exit_2(tmp_path, capfd):
+    """Continuing a killed 3-epoch run as a 2-epoch one would mix two experiments."""
+    first = tmp_path / "runs" / "batch" / "20260101T000000Z"
+    first.mkdir(parents=True)
+    (first / "flags.json").write_text(json.dumps({
+        "recipe": "batch", "dataset": "shapes", "argv": BATCH + ["--epochs=3"],
+        "config": {**dataclasses.asdict(batch.Config(batch_sizes=(8,), steps_per_epoch=2)),
+                   "epochs": 3},
+        "flags": {}}))
+    args = [a for a in BATCH if not a.startswith("--epochs")] + ["--epochs=2", "--resume",
+                                                                  f"--logdir={tmp_path / 'runs'}"]
+    assert main.main(["main.py", *args]) == 2
+    lines = error_lines(capfd.readouterr().err)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: --resume: the unfinished run {first} was started with "
+                               "other settings (epochs: 3 there, 2 here")
+    assert sorted(p.name for p in (tmp_path / "runs" / "batch").iterdir()) == [first.name]
