@@ -13,6 +13,9 @@ the same initial weights on the same batches, alternating epoch by epoch in
 one process, and reports the speedup, the accuracy/loss difference and memory.
 Run:    python main.py --recipe=mixed_precision --compare
         KERAS_BACKEND=jax python main.py --recipe=mixed_precision --compare
+        ... --strategy=mirrored (several GPUs; --batch_size is then per replica),
+        KERAS_BACKEND=jax ... --strategy=data_parallel, --resume after a kill
+        (each policy continues from its last finished epoch)
 Expect: on a 2-core CPU with AVX512-BF16/AMX and no GPU, auto picks mixed_bfloat16
         and --compare on the default data (8,000 64x64 RGB shapes, 8 epochs per
         policy, ~2.5 min) measured speedup 2.66 (2412 vs 906 examples/s) and
@@ -25,11 +28,16 @@ Copy:   this file alone works in any project with keras (TensorFlow or JAX
         model=your_model) rebuilds your keras.Model under each policy (copies,
         from its weights; a builder fn(input_shape, num_classes) works too;
         leave it out for the recipe's CNN). TensorFlow is optional: without it
-        TensorBoard logging is skipped.
+        TensorBoard logging is skipped. strategy=tf.distribute.MirroredStrategy()
+        or keras.distribution.DataParallel() spreads it over devices; for
+        MultiWorkerMirroredStrategy also pass a fit= that works there (Keras
+        3's fit does not). Running it again on the same folder continues it.
 """
 import contextlib
 import dataclasses
 import functools
+import glob
+import json
 import os
 import platform
 import resource
@@ -48,6 +56,8 @@ DATA = {"form": "arrays", "image_size": 64, "channels": 3, "examples": (8000, 20
 # an accuracy difference between them cannot show.
 DEFAULT_DATASET = "shapes_hard"
 TAKES_MODEL = True  # run() takes model=: your keras.Model, rebuilt under each policy
+RESUMABLE = True  # per-epoch checkpoints of each policy's model: --resume continues them
+STRATEGIES = ("mirrored", "multi_worker", "data_parallel")  # run(strategy=, fit=)
 HEADLINE = ("policy", "examples_per_sec", "val_accuracy", "speedup", "val_accuracy_delta",
             "float32_val_accuracy", "loss_scale", "wall_time_s")
 POLICIES = ("mixed_float16", "mixed_bfloat16", "float32")
@@ -66,6 +76,7 @@ class Config:
     # of each conv+pool block; keep multiples of 8
     dense_units: int = 128  # width of the hidden dense layer; keep a multiple of 8
     warmup_steps: int = 3  # first steps of each model left out of throughput (they compile)
+    scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     steps_per_epoch: int | None = None  # optional cap on steps per epoch
     seed: int = 0  # initial weights and batch order
 
@@ -347,29 +358,53 @@ def policy_models(model, config, input_shape, num_classes):
 
 
 class Trainee:
-    """One model under one policy, trained an epoch at a time."""
+    """One model under one policy, trained an epoch at a time, checkpointed after each.
 
-    def __init__(self, policy, config, make_model, log_dir, total_steps):
-        with global_policy(policy):  # layers and compile both read the global policy
+    A checkpoint left in `checkpoint_dir` by a killed run is continued: the
+    model is built and compiled as for a new run, then its weights and
+    optimizer state (the cosine schedule's step, the loss scale) are loaded.
+    """
+
+    def __init__(self, policy, config, make_model, log_dir, total_steps, strategy, fit,
+                 checkpoint_dir):
+        self.strategy, self.fit = strategy, fit
+        learning_rate = config.learning_rate * (replica_count(strategy)
+                                                if config.scale_lr_with_replicas else 1)
+        with global_policy(policy), distribution_scope(strategy):  # layers and compile read it
             self.model, loss, metrics = make_model(policy)
             check_policy_applied(self.model, policy)
-            learning_rate = config.learning_rate
             if config.cosine_decay:
                 learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
             self.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
                                metrics=metrics)
-        self.policy, self.history = policy, {}
+            checkpoint, saved = latest_checkpoint(checkpoint_dir)
+            if checkpoint:
+                restore(self.model, checkpoint)
+        self.policy, self.history = policy, saved["logs"]
+        self.epochs_done = saved["epochs_done"]
         self.timer, self.guard = StepTimer(), PolicyGuard(policy)
+        state = saved["state"]
+        self.timer.seconds = list(state.get("step_seconds", []))
+        self.guard.step = state.get("steps", 0)
+        self.gpu_peak_mb = state.get("gpu_peak_mb")
+        if checkpoint:
+            print(f"Resuming {policy} after epoch {self.epochs_done} from {checkpoint}")
         self.callbacks = [self.timer, self.guard]
         if log_dir and has_tensorflow():
             self.callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
-        self.gpu_peak_mb = None
+        self.callbacks.append(EpochCheckpoint(checkpoint_dir, lambda: {
+            "step_seconds": self.timer.seconds, "steps": self.guard.step,
+            "gpu_peak_mb": self.gpu_peak_mb}))
 
     def fit_epoch(self, epoch, x, y, validation, batch_size):
+        """Trains epoch `epoch` (from 0) unless a killed run had finished it already."""
+        if epoch < self.epochs_done:
+            return
         reset_gpu_peak()
-        history = self.model.fit(x, y, batch_size=batch_size, epochs=epoch + 1,
-                                 initial_epoch=epoch, shuffle=False, validation_data=validation,
-                                 verbose=2, callbacks=self.callbacks)
+        with global_policy(self.policy), distribution_scope(self.strategy):
+            history = self.fit(self.model, x, y, batch_size=batch_size, epochs=epoch + 1,
+                               initial_epoch=epoch, shuffle=False, validation_data=validation,
+                               verbose=2, callbacks=self.callbacks)
         peak = gpu_peak_mb()
         if peak is not None:
             self.gpu_peak_mb = max(self.gpu_peak_mb or 0, peak)
@@ -495,8 +530,14 @@ def check(config, data, model=None):
         classifier_loss(model, num_classes_of(data))
 
 
-def run(config, run_dir, data, model=None):
+def run(config, run_dir, data, strategy=None, fit=None, model=None):
     """Trains under the chosen policy (and float32 with --compare); returns flat metrics.
+
+    strategy: a tf.distribute strategy, a keras.distribution (DataParallel on
+    JAX) or None for one device; --batch_size is then per replica. fit: called
+    like keras.Model.fit(model, ...), its default (the CLI passes a
+    strategy.run loop for multi_worker). Checkpoints left in run_dir by a
+    killed run are continued, both policies' with --compare.
 
     model: None for this recipe's CNN, your keras.Model (rebuilt under each policy
     from its weights; yours is never changed) or fn(input_shape, num_classes).
@@ -507,7 +548,9 @@ def run(config, run_dir, data, model=None):
     x_train, x_val = np.asarray(x_train, "float32"), np.asarray(x_val, "float32")
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
     num_classes = num_classes_of(data)
-    batch_size = min(config.batch_size, len(x_train))
+    fit = fit or keras.Model.fit
+    replicas = replica_count(strategy)
+    batch_size = min(config.batch_size * replicas, len(x_train))  # the global batch
     previous = keras.mixed_precision.global_policy()
     try:
         keras.utils.clear_session()  # resets the global policy to float32: so it comes first
@@ -517,7 +560,8 @@ def run(config, run_dir, data, model=None):
             policy, reason = choose_policy(model=reference)
         else:
             policy, reason = config.policy, "asked for with --policy"
-        print(f"policy: {policy} ({reason}); backend: {keras.backend.backend()}")
+        print(f"policy: {policy} ({reason}); backend: {keras.backend.backend()}; batch "
+              f"{batch_size // replicas} x {replicas} replica(s)")
         recommended = policy
         if config.compare and policy == "float32":  # float32 against itself would show nothing
             policy = fastest_16bit_policy()
@@ -530,7 +574,8 @@ def run(config, run_dir, data, model=None):
         policies = [policy] + (["float32"] if config.compare else [])
         trainees = [Trainee(p, config, make_model,
                             os.path.join(run_dir, f"{p}_baseline" if i else p),
-                            total_steps=config.epochs * n // batch_size)
+                            config.epochs * n // batch_size, strategy, fit,
+                            os.path.join(run_dir, "checkpoints", p))
                     for i, p in enumerate(policies)]
         main = trainees[0]
         output_dtype = check_output_float32(main.model, x_val)
@@ -540,6 +585,8 @@ def run(config, run_dir, data, model=None):
             order = rng.permutation(len(x_train))[:n]  # the same batches for every policy
             x, y = x_train[order], y_train[order]
             for t in (trainees if epoch % 2 == 0 else trainees[::-1]):  # alternate who goes first
+                if epoch < t.epochs_done:
+                    continue  # finished by the killed run this one continues
                 print(f"-- epoch {epoch + 1}/{config.epochs} {t.policy}"
                       + (" (baseline)" if t is not main else ""))
                 t.fit_epoch(epoch, x, y, (x_val, y_val), batch_size)
@@ -551,6 +598,7 @@ def run(config, run_dir, data, model=None):
 
     r = results[0]
     metrics = {"policy": policy, "recommended_policy": recommended, "policy_reason": reason,
+               "replicas": replicas,
                "backend": keras.backend.backend(), "output_dtype": output_dtype,
                "loss_scaling": scaled, **r}
     if scaled:
@@ -632,6 +680,86 @@ def classifier_loss(model, num_classes):
             "sparse categorical cross-entropy from logits (its output has no softmax)")
 
 # --- end of model kit ------------------------------------------------------------------
+
+
+# --- scale-out kit: the same text in every recipe that takes --strategy and --resume -----
+# (strategy: a tf.distribute strategy, a keras.distribution.Distribution on JAX, or None
+# for one device. Under multi_worker every worker saves, since TensorFlow's saving runs
+# collective ops that all workers must join: give each its own run_dir (main.py gives
+# the others a temporary one). tests/test_kit.py fails if a copy differs)
+
+def replica_count(strategy):
+    """How many replicas split each step (batch sizes are per replica)."""
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "num_replicas_in_sync"):  # tf.distribute
+        return strategy.num_replicas_in_sync
+    return int(np.prod(strategy.device_mesh.shape))  # keras.distribution.DataParallel
+
+
+def distribution_scope(strategy):
+    """Where models are built, compiled and fit: the strategy's scope, if any."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch: the model with its optimizer, and the recipe's own state, atomically.
+
+    epoch_NNNN.json (the epoch's logs and state()) is written first, then the
+    model goes to a temporary name renamed epoch_NNNN.keras, so a kill at any
+    moment leaves the previous pair whole; latest_checkpoint trusts only a
+    .keras that has its .json. (Keras' BackupAndRestore writes in place.) Put
+    it after the TensorBoard callback: the epoch's point is flushed to disk
+    before the checkpoint that makes a resumed run skip that epoch.
+    """
+
+    def __init__(self, folder, state=None):
+        super().__init__()
+        self.folder, self.state = folder, state or dict
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.folder, exist_ok=True)
+        stem = os.path.join(self.folder, f"epoch_{epoch + 1:04d}")
+        payload = {"epochs_done": epoch + 1, "state": self.state(),
+                   "logs": {k: float(v) for k, v in (logs or {}).items()}}
+
+        def dump(partial):
+            with open(partial, "w") as f:
+                json.dump(payload, f)
+        write_atomically(stem + ".json", dump)
+        write_atomically(stem + ".keras", self.model.save)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+            os.remove(older[:-len(".keras")] + ".json")
+
+
+def latest_checkpoint(folder):
+    """(path, {"epochs_done", "state", "logs"}) of the newest whole checkpoint in folder,
+    or (None, {"epochs_done": 0, "state": {}, "logs": {}})."""
+    for path in sorted(glob.glob(os.path.join(folder, "epoch_*.keras")), reverse=True):
+        try:
+            with open(path[:-len(".keras")] + ".json") as f:
+                return path, json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None, {"epochs_done": 0, "state": {}, "logs": {}}
+
+
+def restore(model, checkpoint):
+    """Loads a checkpoint's weights and optimizer state (its step count, so schedules go
+    on where they were) into the same model, built and compiled afresh (under the
+    strategy's scope): no custom objects to register, the run's own code rebuilds it."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoint)
+
+
+def final_logs(history, saved):
+    """The last epoch's logs: from this fit's history, or, when the killed run had finished
+    every epoch already (so fit ran none), from its checkpoint."""
+    return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
+
+# --- end of scale-out kit ----------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -40,6 +40,9 @@ Run:    python main.py --recipe=prune
         python main.py --recipe=prune --model=my_model.keras --data_dir=my_photos/
         python main.py --recipe=prune --engine=tfmot       # the same on tfmot
         KERAS_BACKEND=jax python main.py --recipe=prune
+        ... --strategy=mirrored, or on JAX --strategy=data_parallel (Keras engine;
+        --batch_size is then per replica); --resume after a kill continues the
+        baseline or the fine-tune, the schedule's step included
 Expect: on the default shapes data (6,000 28x28 images, dense model, 80%, 2 CPU
         cores, ~15 s), measured: the output layer (0.6% of the kernel
         weights) is left dense, dense_128 and dense_64 reach exactly 0.800
@@ -63,14 +66,18 @@ Copy:   this file alone works in any Keras 3 project (TensorFlow, JAX or
         out for the built-in dense/conv models). In your own training loop:
         pruned, masks = prune_model(model, Schedule(...), optimizer, loss,
         layer_names=choose_layers(model)[0]); pruned.fit(...);
-        strip_pruning(pruned). The tfmot engine needs tf-keras and
+        strip_pruning(pruned). strategy= (a tf.distribute strategy or a
+        keras.distribution) and fit= (for MultiWorkerMirroredStrategy, where
+        Keras 3's fit fails) work as in batch.py. The tfmot engine needs tf-keras and
         tensorflow-model-optimization; TFLite export and TensorBoard logs need
         TensorFlow.
 """
 import contextlib
 import dataclasses
+import glob
 import gzip
 import io
+import json
 import math
 import os
 import time
@@ -84,6 +91,8 @@ from keras import ops
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
 TAKES_MODEL = True  # run() takes model=: your keras.Model (Keras engine), pruned from a copy
+RESUMABLE = True  # Keras engine: per-epoch checkpoints of the baseline and each fine-tune
+STRATEGIES = ("mirrored", "multi_worker", "data_parallel")  # Keras engine: run(strategy=, fit=)
 HEADLINE = ("engine", "baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
             "sparsity_measured", "model_sparsity", "baseline_gzip_bytes", "pruned_gzip_bytes",
             "compression_ratio", "tflite_quant_gzip_bytes", "tflite_quant_compression_ratio",
@@ -119,6 +128,7 @@ class Config:
     clusters: int = 0  # tfmot: after pruning, share N values per kernel, zeros kept; 0: off
     sweep: tuple[float, ...] | None = None  # e.g. 0.5,0.7,0.8,0.9,0.95: also prune to each
     steps_per_epoch: int | None = None  # optional cap on training steps per epoch
+    scale_lr_with_replicas: bool = True  # multiply the learning rates by the replica count
     seed: int = 0  # initial weights and shuffling
 
     def __post_init__(self):
@@ -545,18 +555,34 @@ def api_of(model):
     return _tfmot()[0] if type(model).__module__.startswith("tf_keras") else keras
 
 
-def train(model, data, epochs, batch_size, steps_per_epoch, seed, callbacks=()):
+def train(model, data, epochs, batch_size, steps_per_epoch, seed, callbacks=(), fit=None,
+          checkpoint_dir=None):
     """fit on in-memory arrays; FloatingPointError when the loss is not finite.
 
-    `model` is compiled (Keras 3 or tf_keras alike).
+    `model` is compiled (Keras 3 or tf_keras alike). With checkpoint_dir (Keras 3
+    models), each epoch is checkpointed there and a checkpoint a killed run left
+    is continued, its optimizer state (the pruning schedule's step) included.
     """
     (x_train, y_train), (x_val, y_val) = data
-    history = model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, validation_data=(x_val, y_val),
-                        shuffle=True, verbose=2,
-                        callbacks=[api_of(model).callbacks.TerminateOnNaN(), *callbacks])
-    final_loss = history.history["loss"][-1]
-    if not np.isfinite(final_loss) or len(history.history["loss"]) < epochs:
+    saved = {"epochs_done": 0, "logs": {}}
+    if checkpoint_dir is not None:
+        checkpoint, saved = latest_checkpoint(checkpoint_dir)
+        if checkpoint:
+            print(f"Resuming after epoch {saved['epochs_done']} from {checkpoint}")
+            restore(model, checkpoint)
+        callbacks = [*callbacks, EpochCheckpoint(checkpoint_dir)]  # last: after TensorBoard
+    if steps_per_epoch is not None:  # the cap: the first steps x batch examples, each epoch
+        # (fit's own steps_per_epoch reads arrays on across epochs and runs out of data)
+        x_train, y_train = x_train[:steps_per_epoch * batch_size], y_train[:steps_per_epoch
+                                                                           * batch_size]
+    fit = fit or type(model).fit
+    history = fit(model, x_train, y_train, batch_size=batch_size, epochs=epochs,
+                  initial_epoch=saved["epochs_done"], validation_data=(x_val, y_val),
+                  shuffle=True, verbose=2,
+                  callbacks=[api_of(model).callbacks.TerminateOnNaN(), *callbacks])
+    final_loss = final_logs(history, saved)["loss"]
+    if not np.isfinite(final_loss) or len(history.history.get("loss", [])) < epochs - saved[
+            "epochs_done"]:
         raise FloatingPointError(f"training loss became {final_loss}; lower --learning_rate "
                                  "or --finetune_learning_rate")
     return history
@@ -677,9 +703,11 @@ def keras_int8(model, run_dir, x_val, y_val):
             "keras_int8_unquantized_layers": ", ".join(left) or "none"}
 
 
-def pruning_steps(config, n_train):
-    """(steps per epoch, end_step, frequency) of the fine-tuning; ValueError if they clash."""
-    steps = config.steps_per_epoch or math.ceil(n_train / config.batch_size)
+def pruning_steps(config, n_train, replicas=1):
+    """(steps per epoch, end_step, frequency) of the fine-tuning; ValueError if they clash.
+    Each step takes batch_size examples per replica."""
+    steps = math.ceil(n_train / (config.batch_size * replicas))  # one pass, the last batch short
+    steps = min(steps, config.steps_per_epoch or steps)
     end_step = config.end_step or steps * config.epochs
     if end_step <= config.begin_step:
         raise ValueError(f"--begin_step ({config.begin_step}) must be before the end of "
@@ -702,20 +730,26 @@ def default_frequency(begin_step, end_step, times=10):
     return max(f for f in range(1, max(1, span // times) + 1) if span % f == 0)
 
 
-def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
+def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir, strategy=None,
+                       fit=None, checkpoint_dir=None):
     """Prunes a copy of `baseline` to `final_sparsity` with the configured engine,
-    fine-tunes and strips it; returns the stripped model and its measurements."""
+    fine-tunes and strips it; returns the stripped model and its measurements.
+
+    Keras engine: under `strategy` (see run()), checkpointed in checkpoint_dir."""
     (x_train, _), (x_val, y_val) = data
-    steps, end_step, frequency = pruning_steps(config, len(x_train))
+    replicas = replica_count(strategy)
+    steps, end_step, frequency = pruning_steps(config, len(x_train), replicas)
+    lr_scale = replicas if config.scale_lr_with_replicas else 1
     schedule = Schedule(config.schedule, min(config.initial_sparsity, final_sparsity),
                         final_sparsity, config.begin_step, end_step, frequency)
     names, left_dense = choose_layers(baseline, config.prune_layers, config.min_layer_share,
                                       config.sparsity_m_by_n, config.block_size)
     tf = _tensorflow()
     if config.engine == "keras":
-        model, _ = prune_model(baseline, schedule, keras.optimizers.Adam(
-            config.finetune_learning_rate), loss, ["accuracy"], names, config.block_size,
-            config.sparsity_m_by_n)
+        with distribution_scope(strategy):
+            model, _ = prune_model(baseline, schedule, keras.optimizers.Adam(
+                config.finetune_learning_rate * lr_scale), loss, ["accuracy"], names,
+                config.block_size, config.sparsity_m_by_n)
         callbacks = [PruningLog(os.path.join(log_dir, "metrics"), names)]
         if tf is not None:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
@@ -738,7 +772,9 @@ def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
               else f"{final_sparsity:.0%}")
     print(f"pruning {', '.join(names)} to {amount} with the {config.engine} engine "
           f"({config.schedule}, steps {config.begin_step}..{end_step} every {frequency})")
-    train(model, data, config.epochs, config.batch_size, steps, config.seed, callbacks)
+    with distribution_scope(strategy):
+        train(model, data, config.epochs, config.batch_size * replicas, steps, config.seed,
+              callbacks, fit, checkpoint_dir if config.engine == "keras" else None)
     if config.engine == "keras":
         stripped = strip_pruning(model)
     else:
@@ -757,7 +793,8 @@ def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir):
     return {"model": stripped, "accuracy": accuracy(stripped, x_val, y_val),
             "per_layer": per_layer, "sparsity_measured": measured,
             "model_sparsity": model_sparsity, "left_dense": left_dense,
-            "end_step": end_step, "frequency": frequency}
+            "end_step": end_step, "frequency": frequency,
+            "steps_trained": int(ops.convert_to_numpy(model.optimizer.iterations))}
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -767,10 +804,13 @@ def num_classes_of(data):
     return int(max(np.max(y_train), np.max(y_val))) + 1
 
 
-def check(config, data, model=None):
+def check(config, data, model=None, strategy=None):
     """ValueError (one line) for input that cannot run: the engine and the model, the
-    layer names, the pruning span."""
+    engine and the strategy, the layer names, the pruning span."""
     (x_train, _), _ = data
+    if strategy is not None and config.engine == "tfmot":
+        raise ValueError("--engine=tfmot trains on one device: --strategy="
+                         f"{strategy_name(strategy)} needs --engine=keras (the default)")
     if model is not None and config.engine == "tfmot":
         raise ValueError("--engine=tfmot prunes tf_keras (Keras 2) models only, and --model is "
                          "a Keras 3 model: use --engine=keras (the default)")
@@ -786,25 +826,38 @@ def check(config, data, model=None):
     if unknown:
         raise ValueError(f"--prune_layers: no layer named {', '.join(unknown)}; "
                          f"the model has {', '.join(names)}")
-    pruning_steps(config, len(x_train))
+    pruning_steps(config, len(x_train), replica_count(strategy))
 
 
-def baseline_model(config, data, model):
+def strategy_name(strategy):
+    kind = type(strategy).__name__
+    return {"MirroredStrategy": "mirrored", "MultiWorkerMirroredStrategy": "multi_worker",
+            "DataParallel": "data_parallel"}.get(kind, kind)
+
+
+def why_not_resumable(config):
+    """Why --resume cannot continue a run of this Config, or None when it can."""
+    if config.engine == "tfmot":
+        return "--engine=tfmot keeps no per-epoch checkpoint (the Keras engine does)"
+    return None
+
+
+def baseline_model(config, data, model, replicas=1):
     """(the model to prune, its loss, how many epochs to train it first, its description)."""
     (x_train, _), _ = data
     shape, classes = x_train.shape[1:], num_classes_of(data)
+    learning_rate = config.learning_rate * (replicas if config.scale_lr_with_replicas else 1)
     if model is None:
         api = _tfmot()[0] if config.engine == "tfmot" else keras
         built, loss = build_model(shape, classes, config.model, api)
-        built.compile(optimizer=api.optimizers.Adam(config.learning_rate), loss=loss,
+        built.compile(optimizer=api.optimizers.Adam(learning_rate), loss=loss,
                       metrics=["accuracy"])
         epochs = 10 if config.baseline_epochs is None else config.baseline_epochs
         return built, loss, epochs, f"{config.model} model"
     user = model if isinstance(model, keras.Model) else model(shape, classes)
     loss, metrics, why = classifier_loss(user, classes)
     copy = fresh_model(user, shape, classes)
-    copy.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
-                 metrics=metrics)
+    copy.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
     print(f"your model, {user.count_params():,} weights; loss: {why}")
     return copy, loss, config.baseline_epochs or 0, "your model"
 
@@ -856,36 +909,49 @@ def format_table(m, per_layer, targets, suffix):
     return "\n".join(lines)
 
 
-def run(config, run_dir, data, model=None):
+def run(config, run_dir, data, strategy=None, fit=None, model=None):
     """Trains (or takes) a baseline, prunes a copy, exports both; returns flat metrics.
+
+    strategy (Keras engine): a tf.distribute strategy, a keras.distribution
+    (DataParallel on JAX) or None for one device; --batch_size is then per
+    replica. fit: called like keras.Model.fit(model, ...), its default (the CLI
+    passes a strategy.run loop for multi_worker). Checkpoints a killed run left
+    in run_dir are continued: the baseline's, the fine-tune's, the sweep's.
 
     model: None for the built-in config.model, your keras.Model (taken as trained
     unless --baseline_epochs; a copy is pruned, yours is never changed) or a
     builder fn(input_shape, num_classes).
     """
     start = time.perf_counter()
-    check(config, data, model)
+    check(config, data, model, strategy)
     keras.utils.set_random_seed(config.seed)
     if config.engine == "tfmot":
         _tfmot()[0].utils.set_random_seed(config.seed)
     os.makedirs(run_dir, exist_ok=True)
     (x_train, _), (x_val, y_val) = data
-    baseline, loss, baseline_epochs, what = baseline_model(config, data, model)
-    steps, _, _ = pruning_steps(config, len(x_train))
+    replicas = replica_count(strategy)
+    with distribution_scope(strategy):
+        baseline, loss, baseline_epochs, what = baseline_model(config, data, model, replicas)
+    steps, _, _ = pruning_steps(config, len(x_train), replicas)
     print(f"== baseline: {what}, {baseline.count_params():,} weights, {baseline_epochs} epoch(s) "
-          "of training first ==")
+          f"of training first; batch {config.batch_size} x {replicas} replica(s) ==")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    keras_engine = config.engine == "keras"
     if baseline_epochs:
         tensorboard = ([] if _tensorflow() is None else [api_of(baseline).callbacks.TensorBoard(
             log_dir=os.path.join(run_dir, "baseline"))])
-        train(baseline, data, baseline_epochs, config.batch_size, steps, config.seed,
-              tensorboard)
+        with distribution_scope(strategy):
+            train(baseline, data, baseline_epochs, config.batch_size * replicas, steps,
+                  config.seed, tensorboard, fit,
+                  os.path.join(checkpoints, "baseline") if keras_engine else None)
     suffix = ".h5" if config.engine == "tfmot" else ".keras"
     baseline_accuracy = accuracy(baseline, x_val, y_val)
     baseline_gzip = save_model(baseline, os.path.join(run_dir, f"baseline{suffix}"))
 
     print(f"\n== pruning to {config.final_sparsity:.0%} ==")
     result = prune_and_finetune(baseline, loss, data, config, config.final_sparsity,
-                                os.path.join(run_dir, "pruned"))
+                                os.path.join(run_dir, "pruned"), strategy, fit,
+                                os.path.join(checkpoints, "pruned"))
     stripped = result["model"]
     pruned_path = os.path.join(run_dir, f"pruned{suffix}")
     pruned_gzip = save_model(stripped, pruned_path)
@@ -907,6 +973,7 @@ def run(config, run_dir, data, model=None):
         "layers_pruned": len(result["per_layer"]), "layers_left_dense": len(result["left_dense"]),
         "pruning_end_step": result["end_step"], "pruning_frequency": result["frequency"],
         "clusters": config.clusters, "model_params": baseline.count_params(),
+        "replicas": replicas, "finetune_steps": result["steps_trained"],
     }
     metrics.update({f"sparsity_{name}": value for name, value in result["per_layer"].items()})
     if keras.backend.backend() == "tensorflow" or config.engine == "tfmot":
@@ -930,7 +997,9 @@ def run(config, run_dir, data, model=None):
                 continue
             print(f"\n== sweep: pruning to {target:.0%} ==")
             row = prune_and_finetune(baseline, loss, data, config, target,
-                                     os.path.join(run_dir, f"sweep_{round(100 * target)}"))
+                                     os.path.join(run_dir, f"sweep_{round(100 * target)}"),
+                                     strategy, fit, os.path.join(
+                                         checkpoints, f"sweep_{round(100 * target)}"))
             row["gzip_bytes"] = save_model(row["model"], os.path.join(
                 run_dir, f"sweep_{round(100 * target)}{suffix}"))
             rows[target] = row
@@ -1003,6 +1072,86 @@ def classifier_loss(model, num_classes):
             "sparse categorical cross-entropy from logits (its output has no softmax)")
 
 # --- end of model kit ------------------------------------------------------------------
+
+
+# --- scale-out kit: the same text in every recipe that takes --strategy and --resume -----
+# (strategy: a tf.distribute strategy, a keras.distribution.Distribution on JAX, or None
+# for one device. Under multi_worker every worker saves, since TensorFlow's saving runs
+# collective ops that all workers must join: give each its own run_dir (main.py gives
+# the others a temporary one). tests/test_kit.py fails if a copy differs)
+
+def replica_count(strategy):
+    """How many replicas split each step (batch sizes are per replica)."""
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "num_replicas_in_sync"):  # tf.distribute
+        return strategy.num_replicas_in_sync
+    return int(np.prod(strategy.device_mesh.shape))  # keras.distribution.DataParallel
+
+
+def distribution_scope(strategy):
+    """Where models are built, compiled and fit: the strategy's scope, if any."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch: the model with its optimizer, and the recipe's own state, atomically.
+
+    epoch_NNNN.json (the epoch's logs and state()) is written first, then the
+    model goes to a temporary name renamed epoch_NNNN.keras, so a kill at any
+    moment leaves the previous pair whole; latest_checkpoint trusts only a
+    .keras that has its .json. (Keras' BackupAndRestore writes in place.) Put
+    it after the TensorBoard callback: the epoch's point is flushed to disk
+    before the checkpoint that makes a resumed run skip that epoch.
+    """
+
+    def __init__(self, folder, state=None):
+        super().__init__()
+        self.folder, self.state = folder, state or dict
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.folder, exist_ok=True)
+        stem = os.path.join(self.folder, f"epoch_{epoch + 1:04d}")
+        payload = {"epochs_done": epoch + 1, "state": self.state(),
+                   "logs": {k: float(v) for k, v in (logs or {}).items()}}
+
+        def dump(partial):
+            with open(partial, "w") as f:
+                json.dump(payload, f)
+        write_atomically(stem + ".json", dump)
+        write_atomically(stem + ".keras", self.model.save)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+            os.remove(older[:-len(".keras")] + ".json")
+
+
+def latest_checkpoint(folder):
+    """(path, {"epochs_done", "state", "logs"}) of the newest whole checkpoint in folder,
+    or (None, {"epochs_done": 0, "state": {}, "logs": {}})."""
+    for path in sorted(glob.glob(os.path.join(folder, "epoch_*.keras")), reverse=True):
+        try:
+            with open(path[:-len(".keras")] + ".json") as f:
+                return path, json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None, {"epochs_done": 0, "state": {}, "logs": {}}
+
+
+def restore(model, checkpoint):
+    """Loads a checkpoint's weights and optimizer state (its step count, so schedules go
+    on where they were) into the same model, built and compiled afresh (under the
+    strategy's scope): no custom objects to register, the run's own code rebuilds it."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoint)
+
+
+def final_logs(history, saved):
+    """The last epoch's logs: from this fit's history, or, when the killed run had finished
+    every epoch already (so fit ran none), from its checkpoint."""
+    return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
+
+# --- end of scale-out kit ----------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -27,7 +27,7 @@ KITS = {
               ("batch", "device", "mixed_precision", "prune", "stream", "tf_profile"),
               ("fresh_model", "output_activation", "classifier_loss")),
     "scale-out": ("# --- scale-out kit:", "# --- end of scale-out kit",
-                  ("batch",),
+                  ("batch", "mixed_precision", "prune", "stream", "transfer"),
                   ("replica_count", "distribution_scope", "EpochCheckpoint",
                    "latest_checkpoint", "restore", "final_logs")),
 }

@@ -1,0 +1,142 @@
+"""--resume after a SIGKILL, and --strategy=data_parallel on JAX, for mixed_precision and prune.
+
+(batch: tests/test_faults.py; transfer and stream: their own test files.) A
+resumed run continues in the same folder from the last finished epoch: it
+prints only the epochs it had not finished and leaves one TensorBoard point
+per epoch.
+"""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from helpers import (ENV, REPO, only_run_dir, read_tensorboard_steps, read_tensorboard_tags,
+                     run_cli)
+from test_faults import read_until, start_cli
+
+
+def epoch_lines(stdout):
+    """Keras' own `Epoch N/M` progress lines and mixed_precision's `-- epoch N/M policy`."""
+    return [line.strip() for line in stdout.splitlines()
+            if line.startswith("Epoch ") or line.startswith("-- epoch ")]
+
+
+def kill_then_resume(args, logdir, marker, recipe):
+    first = start_cli(*args, f"--logdir={logdir}")
+    read_until(first, marker)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    run_dir = only_run_dir(logdir, recipe)
+    assert not (run_dir / "metrics.json").exists()
+    second = run_cli(*args, f"--logdir={logdir}", "--resume", timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert only_run_dir(logdir, recipe) == run_dir  # the same folder, continued
+    return run_dir, second.stdout, json.loads((run_dir / "metrics.json").read_text())
+
+
+# 30 steps of 64: an epoch takes a second or two here, so the kill lands inside the next.
+PRUNE = ["--recipe=prune", "--baseline_epochs=3", "--epochs=4", "--steps_per_epoch=30"]
+
+
+@pytest.mark.parametrize("marker, resumed", [
+    ("Epoch 2/3", ["Epoch 2/3", "Epoch 3/3", "Epoch 1/4", "Epoch 2/4", "Epoch 3/4", "Epoch 4/4"]),
+    ("Epoch 3/4", ["Epoch 3/4", "Epoch 4/4"]),
+], ids=["in_the_baseline", "in_the_fine_tune"])
+def test_prune_killed_resumes_with_the_pruning_schedule_where_it_was(tmp_path, marker, resumed):
+    run_dir, stdout, metrics = kill_then_resume(PRUNE, tmp_path / "runs", marker, "prune")
+    assert [line.split(" - ")[0] for line in epoch_lines(stdout)] == resumed
+    # The schedule's step is the optimizer's: restored, it ends where an unbroken run does
+    # and reaches its target; restarted from 0, it would stop short of both.
+    assert metrics["finetune_steps"] == 4 * 30 == metrics["pruning_end_step"]
+    assert metrics["sparsity_measured"] == pytest.approx(0.8, abs=1e-3)
+    for phase, epochs in (("baseline", 3), ("pruned", 4)):
+        steps = read_tensorboard_steps(run_dir / phase / "train")["epoch_loss"]
+        assert steps == list(range(epochs)), (phase, steps)
+
+
+MIXED = ["--recipe=mixed_precision", "--policy=mixed_bfloat16", "--compare", "--epochs=3",
+         "--steps_per_epoch=12", "--batch_size=32", "--filters=8,8", "--dense_units=8"]
+
+
+def test_mixed_precision_compare_killed_resumes_both_policies(tmp_path):
+    # Epoch 2 runs float32 first (the order alternates), so at this line float32 has
+    # finished 2 epochs and mixed_bfloat16 one.
+    run_dir, stdout, metrics = kill_then_resume(MIXED, tmp_path / "runs",
+                                                "-- epoch 2/3 mixed_bfloat16", "mixed_precision")
+    assert [line for line in epoch_lines(stdout) if line.startswith("--")] == [
+        "-- epoch 2/3 mixed_bfloat16", "-- epoch 3/3 mixed_bfloat16",
+        "-- epoch 3/3 float32 (baseline)"]
+    assert "Resuming float32 after epoch 2" in stdout
+    assert "Resuming mixed_bfloat16 after epoch 1" in stdout
+    for folder, prefix in (("mixed_bfloat16", ""), ("float32_baseline", "float32_")):
+        assert read_tensorboard_steps(run_dir / folder / "train")["epoch_loss"] == [0, 1, 2]
+        # the reported accuracy is the last epoch's, trained by the resumed run
+        last = read_tensorboard_tags(run_dir / folder / "validation")["epoch_accuracy"][-1]
+        assert metrics[prefix + "val_accuracy"] == pytest.approx(last, abs=1e-6)
+
+
+DATA_PARALLEL = """
+import json, sys
+import keras
+import numpy as np
+from recipes import batch, mixed_precision, prune
+
+seen = []
+fit = keras.Model.fit
+
+def recording_fit(model, *args, **kwargs):  # where the model's weights live when it trains
+    seen.append(len(model.trainable_variables[0].value.sharding.device_set))
+    return fit(model, *args, **kwargs)
+
+keras.Model.fit = recording_fit
+strategy = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+rng = np.random.default_rng(0)
+small = ((rng.uniform(size=(64, 28, 28, 1)).astype("float32"), np.arange(64) % 3),
+         (rng.uniform(size=(32, 28, 28, 1)).astype("float32"), np.arange(32) % 3))
+out = {}
+out["batch"] = batch.run(batch.Config(batch_sizes=(8,), epochs=1, steps_per_epoch=2),
+                         sys.argv[1] + "/b", small, strategy=strategy)["replicas"]
+out["mixed_precision"] = mixed_precision.run(
+    mixed_precision.Config(policy="float32", epochs=1, batch_size=8, steps_per_epoch=2,
+                           filters=(8, 8), dense_units=8), sys.argv[1] + "/m", small,
+    strategy=strategy)["replicas"]
+out["prune"] = prune.run(prune.Config(baseline_epochs=1, epochs=1, batch_size=8,
+                                      steps_per_epoch=2), sys.argv[1] + "/p", small,
+                         strategy=strategy)["replicas"]
+print(json.dumps({"replicas": out, "devices_at_fit": seen}))
+"""
+
+
+def test_data_parallel_on_jax_trains_every_model_across_both_devices(tmp_path):
+    env = {**ENV, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", DATA_PARALLEL, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == {"batch": 2, "mixed_precision": 2, "prune": 2}
+    # batch, mixed_precision (one fit per epoch), prune (baseline, fine-tune): every model
+    # that trained held its weights on both devices.
+    assert report["devices_at_fit"] == [2] * len(report["devices_at_fit"])
+    assert len(report["devices_at_fit"]) == 4
+
+
+def test_data_parallel_cli_reports_two_replicas(tmp_path):
+    env = {**ENV, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = run_cli("--recipe=batch", "--strategy=data_parallel", "--batch_sizes=8",
+                     "--epochs=1", "--steps_per_epoch=3", f"--logdir={tmp_path}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 replica(s)" in result.stdout
+    assert json.loads((only_run_dir(tmp_path, "batch") / "metrics.json").read_text())[
+        "replicas"] == 2
+
+
+def test_mirrored_on_jax_is_one_line_exit_2(tmp_path):
+    result = run_cli("--recipe=prune", "--strategy=mirrored", f"--logdir={tmp_path}",
+                     env={**ENV, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: --strategy=mirrored is TensorFlow's (tf.distribute); on "
+                     "KERAS_BACKEND=jax use --strategy=data_parallel"]
+    assert not (tmp_path / "prune").exists() or not list((tmp_path / "prune").iterdir())
