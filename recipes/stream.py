@@ -32,6 +32,8 @@ recipes applies the same rule (datasets/folder.py).
 Run:    python main.py --recipe=stream --compare
         python main.py --recipe=stream --loader=tf_data --cache=memory --augment
         python main.py --recipe=stream --compare --data_dir=FOLDER   # any class-folder tree
+        python main.py --recipe=stream --strategy=mirrored   # several GPUs; tf.data only
+        python main.py --recipe=stream --compare --resume    # continue a killed run
 Expect: on the default shapes data (1,000 + 200 small 150x150 JPEGs, 2 shared
         CPU cores, ~16 s) --compare measured tf.data at 3.2x the generator's
         input rate and 1.7x its training rate (2,021 vs 1,215 images/s,
@@ -50,7 +52,16 @@ Copy:   this file alone works in any project with tensorflow, keras, tf-keras,
         pillow, scipy and psutil installed:
         run(Config(), "logs", (train_dir, val_dir_or_None), model=your_model)
         (model= is optional: a keras.Model taking image_size x image_size RGB,
-        copied, or a builder fn(input_shape, num_classes)).
+        copied, or a builder fn(input_shape, num_classes)); add
+        strategy=tf.distribute.MirroredStrategy() for several GPUs (the tf.data
+        loader only: ImageDataGenerator cannot be distributed; --batch_size is
+        then per replica, the learning rate scales with the replica count) and,
+        for MultiWorkerMirroredStrategy, fit= a loop called like
+        keras.Model.fit(model, ...) (Keras 3's own fails there; the CLI passes
+        one). Each worker reads and decodes every file and keeps its share of
+        each batch (DATA sharding), and all run the same steps. Running it again
+        on the same folder continues a killed run: a finished loader is read
+        back, an unfinished one goes on from its last finished epoch.
 
 Where ImageDataGenerator comes from: Keras 3 dropped it from
 `keras.preprocessing.image`; `tensorflow.keras.preprocessing.image` resolves to
@@ -64,9 +75,12 @@ so a five-line `keras.utils.PyDataset` adapter hands it to Keras 3's `fit`;
 augmentation needs scipy.
 """
 import concurrent.futures
+import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
+import json
 import math
 import os
 import pathlib
@@ -98,6 +112,8 @@ FORMATS = ("JPEG", "PNG", "BMP")
 GENERATOR_AUGMENTATION = dict(rotation_range=20, width_shift_range=0.1, height_shift_range=0.1,
                               zoom_range=0.1, horizontal_flip=True, fill_mode="nearest")
 LOADERS = ("generator", "tf_data")
+RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed run
+STRATEGIES = ("mirrored", "multi_worker")  # run(strategy=, fit=), the tf.data loader only
 TAKES_MODEL = True  # run() takes model=: your keras.Model, trained behind both loaders
 
 
@@ -106,7 +122,7 @@ class Config:
     loader: typing.Literal["generator", "tf_data"] = "tf_data"  # which loader to train with
     compare: bool = False  # run both loaders (alternating) and report the speedup
     epochs: int = 5  # training epochs per loader
-    batch_size: int = 32  # images per step, the same for both loaders
+    batch_size: int = 32  # images per step and replica, the same for both loaders
     steps_per_epoch: int | None = None  # optional cap on steps per epoch (default: one pass)
     image_size: int = 150  # images are resized to image_size x image_size RGB
     cache: str = "none"  # tf.data cache: none (stream every epoch), memory, or a folder PATH
@@ -120,6 +136,7 @@ class Config:
     steps_per_execution: int = 1  # training steps per compiled call (>1 cuts per-step overhead)
     validation_fraction: float = 0.2  # held out when the folder has no validation/ sub-tree
     learning_rate: float = 1e-3  # Adam learning rate
+    scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     seed: int = 0  # initial weights, shuffling, augmentation and the validation split
 
     def __post_init__(self):
@@ -283,22 +300,39 @@ def cache_prefix(cache, scan, image_size, split):
 
 
 def tf_data_pipeline(scan, image_size, batch_size, training, cache="none", augment=False,
-                     seed=0, split="train", augment_with="fused"):
+                     seed=0, split="train", augment_with="fused", steps=None, repeat=True,
+                     full_batches=False):
     """(dataset, cached part or None): files -> decode/resize (parallel) -> [cache] -> batch.
 
-    Pipelines repeat forever and are read with explicit steps_per_epoch and
-    validation_steps (one pass: ceil(images / batch_size) batches), so a cache
-    is read back every epoch; fill_cache() before fit makes even the first
-    epoch read from it.
+    A pipeline repeats forever and is read with an explicit steps_per_epoch, so
+    a cache is read back every epoch; fill_cache() before fit makes even the
+    first epoch read from it. steps: batches per epoch; each epoch is then the
+    first `steps` batches of a freshly shuffled pass, so epochs begin where
+    passes do, also with a --steps_per_epoch cap (a resumed run's first epoch
+    begins as the killed run's would have). repeat=False: one epoch of `steps`
+    batches (default: one pass), a known length: validation data that fit
+    reads to its end every epoch, with no validation_steps.
+    full_batches, for a tf.distribute strategy: a pass's last, partial batch is
+    dropped (every replica gets an equal share of every batch) and the decoded
+    images keep their order (under multi_worker every worker must produce the
+    same batches, of which DATA sharding hands each worker its share).
     """
+    # Under multi_worker each worker keeps its share of every batch (DATA sharding). The
+    # source is a list of file names read by map(), not a file-reading dataset (TFRecord,
+    # text lines), so FILE sharding has no files to split (AUTO falls back to DATA, with a
+    # warning). Every worker decodes the whole pass, which repeats input work, but every
+    # worker then runs the same number of full steps, as the gradient all-reduce needs.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(scan.paths, tf.string), tf.constant(scan.labels, tf.int32)))
+        (tf.constant(scan.paths, tf.string), tf.constant(scan.labels, tf.int32))
+    ).with_options(options)
     n = len(scan.paths)
     if training and cache == "none":
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)  # file names: cheap
     as_uint8 = cache != "none"  # a cache holds uint8; streaming goes straight to float
     ds = ds.map(lambda path, label: (decode_and_resize(path, image_size, as_uint8), label),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training or full_batches)
     # ignore_errors is a safety net only (every file was checked before); streaming puts it
     # after batch, where it keeps map and batch fused (and would drop a whole batch).
     cached = None
@@ -308,7 +342,7 @@ def tf_data_pipeline(scan, image_size, batch_size, training, cache="none", augme
         if training:  # memory: shuffle it all (tensors are shared); file: a bounded buffer
             ds = ds.shuffle(n if cache == "memory" else min(n, 1024), seed=seed,
                             reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size, drop_remainder=full_batches)
     if cache == "none":
         ds = ds.ignore_errors()
     layers = (augmentation_layers(seed, fused=augment_with == "fused")
@@ -321,7 +355,14 @@ def tf_data_pipeline(scan, image_size, batch_size, training, cache="none", augme
 
     if as_uint8 or layers:
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.repeat().prefetch(tf.data.AUTOTUNE), cached
+    if steps is None and not repeat:
+        steps = n // batch_size if full_batches else math.ceil(n / batch_size)
+    if steps is not None:
+        ds = ds.take(steps)
+    ds = ds.repeat()
+    if not repeat:  # (take after repeat: a batch ignore_errors drops is made up for)
+        ds = ds.take(steps)
+    return ds.prefetch(tf.data.AUTOTUNE), cached
 
 
 def fill_cache(cached):
@@ -563,18 +604,54 @@ def tree_state(folder):
 _remembered = {}  # check()'s last result, under its folders, settings and folder state
 
 
-def check(config, data, model=None):
+def spreads_training(strategy):
+    """Whether run() is handed a strategy to train under: any but None and TensorFlow's
+    default, one-device strategy (what --strategy=default passes), which changes nothing."""
+    return strategy is not None and (tf.distribute.has_strategy()
+                                     or strategy is not tf.distribute.get_strategy())
+
+
+def step_sizes(n_train, n_val, config, strategy=None):
+    """(training batch, validation batch, steps per epoch); batches of all replicas together.
+
+    One device: config.batch_size, and a pass's last batch holds the remainder.
+    Under a strategy: config.batch_size per replica, full batches only (so every
+    replica gets an equal share and every worker as many steps); the validation
+    batch shrinks to fit the validation images. ValueError (one line) when the
+    images cannot fill one such batch.
+    """
+    batch = config.batch_size * replica_count(strategy)
+    if not spreads_training(strategy):
+        steps = math.ceil(n_train / batch)
+        return batch, batch, min(steps, config.steps_per_epoch or steps)
+    replicas = replica_count(strategy)
+    if n_train < batch or n_val < replicas:
+        raise ValueError(f"--batch_size={config.batch_size} x {replicas} replica(s) needs at "
+                         f"least {batch} training and {replicas} validation images, found "
+                         f"{n_train} and {n_val}: lower --batch_size or add images")
+    steps = n_train // batch
+    return batch, min(batch, n_val // replicas * replicas), min(steps, config.steps_per_epoch
+                                                                 or steps)
+
+
+def check(config, data, model=None, strategy=None):
     """What run() needs checked before any training: find_images() on data, remembered.
 
     data is (train_dir, val_dir or None). Raises ValueError (one line) for unusable
     data: a missing folder, fewer than two classes, an empty class, a bad file with
     --on_bad_image=fail; a model of yours that cannot take the images or classify
-    their classes. The command line calls it before it makes the run folder,
-    and run() calls it again: while the folders, every file in them and the
-    settings that matter are unchanged, the second call returns the first one's
-    result instead of reading every file again. Returns (train Scan, validation
-    Scan, skipped, hidden), shared between such calls: do not change them.
+    their classes; a `strategy` (see run()) with the generator loader, which cannot
+    be distributed, or with more images a step than the folder has. The command
+    line calls it before it makes the run folder, and run() calls it again: while
+    the folders, every file in them and the settings that matter are unchanged,
+    the second call returns the first one's result instead of reading every file
+    again. Returns (train Scan, validation Scan, skipped, hidden), shared between
+    such calls: do not change them.
     """
+    if spreads_training(strategy) and (config.compare or config.loader == "generator"):
+        raise ValueError(f"--strategy ({type(strategy).__name__}) trains the tf.data loader "
+                         "only; ImageDataGenerator cannot be distributed: drop --compare and "
+                         "use --loader=tf_data")
     train_dir, val_dir = (None if d is None else os.fspath(d) for d in data)
     key = (train_dir, val_dir, config.image_size, config.on_bad_image,
            config.validation_fraction, config.seed,
@@ -591,6 +668,8 @@ def check(config, data, model=None):
             raise ValueError(f"the model takes inputs shaped {shape}; this recipe feeds it "
                              f"{config.image_size}x{config.image_size} RGB images "
                              "(--image_size sets the size)")
+    train, val = _remembered["result"][:2]
+    step_sizes(len(train.paths), len(val.paths), config, strategy)  # enough images a step
     return _remembered["result"]
 
 
@@ -716,8 +795,10 @@ def build_model(image_size, num_classes):
 
 # --- the run ---------------------------------------------------------------------------
 
-def make_loader(name, train, val, config, view_root):
-    """(train data, validation data, cached stages) for loader `name`."""
+def make_loader(name, train, val, config, view_root, strategy=None):
+    """(train data, validation data, cached stages) for loader `name`, batched for the
+    strategy's replicas (step_sizes); the validation data is one finite pass."""
+    batch, val_batch, steps = step_sizes(len(train.paths), len(val.paths), config, strategy)
     if name == "generator":
         folders = [link_tree(s, pathlib.Path(view_root) / split)
                    for s, split in ((train, "train"), (val, "validation"))]
@@ -726,11 +807,13 @@ def make_loader(name, train, val, config, view_root):
                                config.generator_workers),
                 generator_flow(folders[1], train.class_names, config.image_size,
                                config.batch_size, False, False, config.seed), [])
-    train_ds, train_cached = tf_data_pipeline(train, config.image_size, config.batch_size, True,
+    full = spreads_training(strategy)
+    train_ds, train_cached = tf_data_pipeline(train, config.image_size, batch, True,
                                               config.cache, config.augment, config.seed, "train",
-                                              config.augment_with)
-    val_ds, val_cached = tf_data_pipeline(val, config.image_size, config.batch_size, False,
-                                          config.cache, False, config.seed, "validation")
+                                              config.augment_with, steps=steps, full_batches=full)
+    val_ds, val_cached = tf_data_pipeline(val, config.image_size, val_batch, False,
+                                          config.cache, False, config.seed, "validation",
+                                          repeat=False, full_batches=full)
     return train_ds, val_ds, [c for c in (train_cached, val_cached) if c is not None]
 
 
@@ -751,33 +834,77 @@ def measure_input(name, loader, config, steps):
     return out
 
 
-def fit_loader(name, loader, model, loss, metrics, config, steps, n_train, n_val, log_dir):
-    """Fits `model` on one loader; returns its training measurements."""
+def input_measurements(name, loader, config, steps, saved):
+    """measure_input() and the peak RSS while it ran; or, for a loader whose training a
+    killed run had begun (`saved`, its checkpoint's), what was measured then (the cache
+    is filled again, untimed: training reads it)."""
+    if "input" in saved["state"]:
+        for stage in loader[2]:
+            fill_cache(stage)
+        return dict(saved["state"]["input"])
+    with PeakRSS() as rss:
+        out = measure_input(name, loader, config, steps)
+    return {**out, "peak_rss_mb": rss.mb}
+
+
+def fit_loader(name, loader, make_model, config, steps, n_train, run_dir, strategy=None,
+               fit=keras.Model.fit, measured=None):
+    """Trains a fresh copy of the model from make_model() on one loader; returns its
+    measurements, `measured` (its input's) included.
+
+    After each epoch a checkpoint goes to run_dir/checkpoints/<name>, with the
+    step timings, the input measurements and the time so far; one left by a
+    killed run is continued from its last finished epoch, those kept.
+    """
     train_data, val_data, _ = loader
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
-                  metrics=metrics, steps_per_execution=config.steps_per_execution)
-    timer, sizes = StepTimer(), CallSizes(config.batch_size, n_train, steps)
-    start = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
-                        steps_per_epoch=steps,
-                        validation_steps=math.ceil(n_val / config.batch_size),
-                        shuffle=False, verbose=2,  # both loaders shuffle themselves
-                        callbacks=[timer, sizes, keras.callbacks.TerminateOnNaN(),
-                                   keras.callbacks.TensorBoard(log_dir=log_dir)])
-    wall = time.perf_counter() - start
-    loss = history.history["loss"][-1]
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss} with --loader={name}; "
+    replicas = replica_count(strategy)
+    batch = config.batch_size * replicas
+    learning_rate = config.learning_rate * (replicas if config.scale_lr_with_replicas else 1)
+    print(f"\n== training with --loader={name}: batch {config.batch_size} x {replicas} "
+          f"replica(s), learning rate {learning_rate:.2e} ==")
+    checkpoint_dir = os.path.join(run_dir, "checkpoints", name)
+    checkpoint, saved = latest_checkpoint(checkpoint_dir)
+    state = saved["state"]
+    timer, sizes = StepTimer(), CallSizes(batch, n_train, steps)
+    timer.seconds = list(state.get("step_seconds", []))  # the killed run's calls count
+    sizes.epochs = [[tuple(call) for call in epoch] for epoch in state.get("call_sizes", [])]
+    earlier_s, earlier_mb = state.get("train_wall_time_s", 0.0), state.get("train_peak_rss_mb", 0)
+    measured = dict(measured or {})
+    with distribution_scope(strategy), PeakRSS() as rss:
+        model, loss, metrics = make_model()
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
+                      metrics=metrics, steps_per_execution=config.steps_per_execution)
+        if checkpoint:
+            print(f"Resuming --loader={name} after epoch {saved['epochs_done']} from "
+                  f"{checkpoint}")
+            restore(model, checkpoint)
+        start = time.perf_counter()
+
+        def so_far():  # what a resumed run needs to go on measuring
+            return {"input": measured, "step_seconds": timer.seconds, "call_sizes": sizes.epochs,
+                    "train_wall_time_s": earlier_s + time.perf_counter() - start,
+                    "train_peak_rss_mb": max(earlier_mb, rss.mb)}
+
+        history = fit(model, train_data, validation_data=val_data, epochs=config.epochs,
+                      initial_epoch=saved["epochs_done"], steps_per_epoch=steps,
+                      shuffle=False, verbose=2,  # both loaders shuffle themselves
+                      callbacks=[timer, sizes, keras.callbacks.TerminateOnNaN(),
+                                 keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, name)),
+                                 EpochCheckpoint(checkpoint_dir, so_far)])
+        wall = earlier_s + time.perf_counter() - start
+    logs = final_logs(history, saved)
+    if not np.isfinite(logs["loss"]):
+        raise FloatingPointError(f"training loss became {logs['loss']} with --loader={name}; "
                                  "lower --learning_rate")
     calls = [call for epoch in sizes.epochs for call in epoch]
     per_step = [seconds / n_steps for seconds, (n_steps, _) in zip(timer.seconds, calls)]
-    rates = throughput(per_step, config.batch_size, config.warmup_steps)
-    out = {"train_images_per_sec": rates["examples_per_sec"],
+    rates = throughput(per_step, batch, config.warmup_steps)
+    out = {**measured, "train_images_per_sec": rates["examples_per_sec"],
            "step_time_ms_p50": rates["step_time_ms_p50"],
            "step_time_ms_p90": rates["step_time_ms_p90"],
-           "val_accuracy": float(history.history["val_accuracy"][-1]),
-           "val_loss": float(history.history["val_loss"][-1]),
-           "train_wall_time_s": wall}
+           "val_accuracy": float(logs["val_accuracy"]), "val_loss": float(logs["val_loss"]),
+           "train_wall_time_s": wall,
+           "peak_rss_mb": max(measured.get("peak_rss_mb", 0), earlier_mb, rss.mb)}
     first = 0
     for i, epoch in enumerate(sizes.epochs, 1):  # whole epochs, stalls included
         seconds = timer.seconds[first:first + len(epoch)]
@@ -838,42 +965,62 @@ def model_for_loaders(model, config, num_classes):
     return make, reference
 
 
-def run(config, run_dir, data, model=None):
+def run(config, run_dir, data, strategy=None, fit=None, model=None):
     """Checks the folder, measures each loader's input and training; returns flat metrics.
 
-    model: None for this recipe's small CNN, your keras.Model (each loader trains a
-    copy from its weights; yours is never changed) or fn(input_shape, num_classes).
+    strategy: a tf.distribute strategy (MirroredStrategy, MultiWorkerMirroredStrategy)
+    or None for one device; it trains the tf.data loader only, --batch_size is then
+    per replica and the learning rate scales with the replica count. fit: called
+    like keras.Model.fit(model, dataset, ...) (the default); the CLI passes a
+    strategy.run loop for multi_worker, where Keras' fit fails. A loader that
+    finished in `run_dir` (a resumed run) is read back, one with a checkpoint
+    continues from its last finished epoch. model: None for this recipe's small
+    CNN, your keras.Model (each loader trains a copy from its weights; yours is
+    never changed) or fn(input_shape, num_classes).
     """
     start = time.perf_counter()
-    train, val, skipped, hidden = check(config, data, model)
+    train, val, skipped, hidden = check(config, data, model, strategy)
+    fit = fit or keras.Model.fit
     report = describe_skipped(skipped, hidden)
     if report:
         print(report)
     names = LOADERS if config.compare else (config.loader,)
-    steps = math.ceil(len(train.paths) / config.batch_size)
-    steps = min(steps, config.steps_per_epoch or steps)
+    replicas = replica_count(strategy)
+    _, _, steps = step_sizes(len(train.paths), len(val.paths), config, strategy)
     print(f"{len(train.paths)} training and {len(val.paths)} validation images in "
-          f"{len(train.class_names)} classes; loaders: {', '.join(names)}; {steps} steps/epoch")
+          f"{len(train.class_names)} classes; loaders: {', '.join(names)}; {steps} steps/epoch "
+          f"of {config.batch_size} x {replicas} replica(s)")
     keras.utils.set_random_seed(config.seed)
-    make_model, reference = model_for_loaders(model, config, len(train.class_names))
+    with distribution_scope(strategy):
+        make_model, reference = model_for_loaders(model, config, len(train.class_names))
+    results, todo = {}, []
+    for name in names:
+        result_file = os.path.join(run_dir, name, "result.json")
+        if os.path.exists(result_file):
+            with open(result_file) as f:
+                results[name] = json.load(f)
+            print(f"\n== --loader={name}: finished in an earlier run, kept ==")
+        else:
+            todo.append(name)
     view_root = tempfile.mkdtemp(prefix="stream-view-")
-    results = {name: {} for name in names}
     try:
-        loaders = {name: make_loader(name, train, val, config, view_root) for name in names}
-        for name in names:  # alternate: every loader's input pass, then every loader's training
-            with PeakRSS() as rss:
-                results[name].update(measure_input(name, loaders[name], config, steps))
-            results[name]["peak_rss_mb"] = rss.mb
-        for name in names:
-            print(f"\n== training with --loader={name} ==")
-            copy, loss, metrics = make_model()
-            with PeakRSS() as rss:
-                results[name].update(fit_loader(
-                    name, loaders[name], copy, loss, metrics, config, steps, len(train.paths),
-                    len(val.paths), os.path.join(run_dir, name)))
-            results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], rss.mb)
+        loaders = {name: make_loader(name, train, val, config, view_root, strategy)
+                   for name in todo}
+        measured = {}
+        for name in todo:  # alternate: every loader's input pass, then every loader's training
+            saved = latest_checkpoint(os.path.join(run_dir, "checkpoints", name))[1]
+            measured[name] = input_measurements(name, loaders[name], config, steps, saved)
+        for name in todo:
+            results[name] = fit_loader(name, loaders[name], make_model, config, steps,
+                                       len(train.paths), run_dir, strategy, fit, measured[name])
+            os.makedirs(os.path.join(run_dir, name), exist_ok=True)
+            write_atomically(os.path.join(run_dir, name, "result.json"),
+                             lambda partial: save_json(partial, results[name]))
     finally:
         shutil.rmtree(view_root, ignore_errors=True)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # all trained
+    results = {name: results[name] for name in names}
+    shutil.rmtree(os.path.join(run_dir, "summary"), ignore_errors=True)  # one point each
     log_summaries(os.path.join(run_dir, "summary"), results)
     print("\n" + format_table(results))
     metrics = {f"{name}_{key}": value for name, r in results.items() for key, value in r.items()}
@@ -888,9 +1035,14 @@ def run(config, run_dir, data, model=None):
         train_images=len(train.paths), val_images=len(val.paths),
         num_classes=len(train.class_names), skipped_files=len(skipped),
         skipped_file_paths=[f"{path}: {reason}" for path, reason in skipped[:20]],
-        hidden_files=hidden, model_params=reference.count_params(),
+        hidden_files=hidden, replicas=replicas, model_params=reference.count_params(),
         wall_time_s=time.perf_counter() - start)
     return metrics
+
+
+def save_json(path, payload):
+    with open(path, "w") as f:
+        json.dump(payload, f)
 
 
 # --- model kit: the same text in every recipe that trains the user's model -------------
@@ -947,6 +1099,86 @@ def classifier_loss(model, num_classes):
             "sparse categorical cross-entropy from logits (its output has no softmax)")
 
 # --- end of model kit ------------------------------------------------------------------
+
+
+# --- scale-out kit: the same text in every recipe that takes --strategy and --resume -----
+# (strategy: a tf.distribute strategy, a keras.distribution.Distribution on JAX, or None
+# for one device. Under multi_worker every worker saves, since TensorFlow's saving runs
+# collective ops that all workers must join: give each its own run_dir (main.py gives
+# the others a temporary one). tests/test_kit.py fails if a copy differs)
+
+def replica_count(strategy):
+    """How many replicas split each step (batch sizes are per replica)."""
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "num_replicas_in_sync"):  # tf.distribute
+        return strategy.num_replicas_in_sync
+    return int(np.prod(strategy.device_mesh.shape))  # keras.distribution.DataParallel
+
+
+def distribution_scope(strategy):
+    """Where models are built, compiled and fit: the strategy's scope, if any."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch: the model with its optimizer, and the recipe's own state, atomically.
+
+    epoch_NNNN.json (the epoch's logs and state()) is written first, then the
+    model goes to a temporary name renamed epoch_NNNN.keras, so a kill at any
+    moment leaves the previous pair whole; latest_checkpoint trusts only a
+    .keras that has its .json. (Keras' BackupAndRestore writes in place.) Put
+    it after the TensorBoard callback: the epoch's point is flushed to disk
+    before the checkpoint that makes a resumed run skip that epoch.
+    """
+
+    def __init__(self, folder, state=None):
+        super().__init__()
+        self.folder, self.state = folder, state or dict
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.folder, exist_ok=True)
+        stem = os.path.join(self.folder, f"epoch_{epoch + 1:04d}")
+        payload = {"epochs_done": epoch + 1, "state": self.state(),
+                   "logs": {k: float(v) for k, v in (logs or {}).items()}}
+
+        def dump(partial):
+            with open(partial, "w") as f:
+                json.dump(payload, f)
+        write_atomically(stem + ".json", dump)
+        write_atomically(stem + ".keras", self.model.save)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+            os.remove(older[:-len(".keras")] + ".json")
+
+
+def latest_checkpoint(folder):
+    """(path, {"epochs_done", "state", "logs"}) of the newest whole checkpoint in folder,
+    or (None, {"epochs_done": 0, "state": {}, "logs": {}})."""
+    for path in sorted(glob.glob(os.path.join(folder, "epoch_*.keras")), reverse=True):
+        try:
+            with open(path[:-len(".keras")] + ".json") as f:
+                return path, json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None, {"epochs_done": 0, "state": {}, "logs": {}}
+
+
+def restore(model, checkpoint):
+    """Loads a checkpoint's weights and optimizer state (its step count, so schedules go
+    on where they were) into the same model, built and compiled afresh (under the
+    strategy's scope): no custom objects to register, the run's own code rebuilds it."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoint)
+
+
+def final_logs(history, saved):
+    """The last epoch's logs: from this fit's history, or, when the killed run had finished
+    every epoch already (so fit ran none), from its checkpoint."""
+    return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
+
+# --- end of scale-out kit ----------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----
