@@ -13,10 +13,17 @@ TensorBoard timeline. The best model by val accuracy (best.keras) and the
 final model (final.keras) are written atomically to the run folder;
 --export=saved_model also exports a TF SavedModel for serving.
 Before each long pass the recipe prints its estimated duration from the first
-timed steps.
+timed steps. Both phases run under --strategy=mirrored (all local GPUs) or
+multi_worker (TF_CONFIG's workers), with --batch_size per replica and the
+learning rate times the replica count (--noscale_lr_with_replicas keeps it);
+every epoch is checkpointed, so --resume continues a killed run after its last
+finished epoch, in phase 1 or 2, reading back the cached features it had
+written instead of running the base again.
 Run:    python main.py --recipe=transfer --weights=none --cache_features
         python main.py --recipe=transfer --data_dir=../shared/data/hymenoptera \\
             --image_size=150 --cache_features --epochs=10 --fine_tune_epochs=2
+        python main.py --recipe=transfer --weights=none --strategy=mirrored
+        (killed?) the same command with --resume
 Weights: --weights=imagenet uses keras' cache (~/.keras/models, or
         $KERAS_HOME/models) and downloads there when it can; offline, put
         vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 there or pass
@@ -34,18 +41,33 @@ Expect: measured on a shared 2-core CPU, default shapes run at 64x64 with
         after phase 1, 0.30 after one fine-tuning epoch) because the weights
         are random, and the run says so after training: accuracy needs
         pretrained weights. What ImageNet weights reach on photos was not
-        measured here (no network to fetch them).
+        measured here (no network to fetch them). Two local workers
+        (--strategy=multi_worker, 32x32, --steps_per_epoch=3, both on the same
+        2 cores) train both phases at 2 replicas and twice the learning rate
+        in about 30 s, slower than one process: they share the cores, so this
+        shows the mechanics, not a speedup. A run killed in either phase and
+        started again with --resume prints only the epochs it had left and
+        keeps one TensorBoard point per epoch.
 Metrics: val_accuracy_phase1/_phase2, best_val_accuracy (best.keras),
         base_epoch_s (seconds per training epoch through the frozen base; with
         --cache_features, from the timed extraction pass, which is the same
         forward work), head_epoch_s and cache_speedup (with --cache_features),
-        trainable_params (phase 1) / trainable_params_phase2, total_params.
+        trainable_params (phase 1) / trainable_params_phase2, total_params,
+        replicas.
 Copy:   this file alone works in any project with tensorflow and keras:
         run(Config(weights="none"), "logs", ((x_train, y_train), (x_val, y_val)))
-        with x float32 in [0, 1], shaped (n, size, size, 3) (gray is repeated).
+        with x float32 in [0, 1], shaped (n, size, size, 3) (gray is repeated);
+        add strategy=tf.distribute.MirroredStrategy() for several GPUs (batch
+        size per replica), and fit=your_fit, called like keras.Model.fit(model,
+        ...), to train through your own loop (main.py's strategy.run loop for
+        multi_worker). Running it again on the same folder continues a killed
+        run from its last finished epoch.
 """
+import contextlib
 import dataclasses
+import glob
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -60,6 +82,8 @@ import tensorflow as tf
 # What main.py feeds this recipe: a few hundred 64x64 RGB images by default
 # (Config.image_size overrides the size main.py loads them at).
 DATA = {"form": "arrays", "image_size": 64, "channels": 3, "examples": (320, 80)}
+RESUMABLE = True  # per-epoch checkpoints in both phases: main.py's --resume continues a killed run
+STRATEGIES = ("mirrored", "multi_worker")  # run(strategy=, fit=), both phases
 HEADLINE = ("val_accuracy_phase1", "val_accuracy_phase2", "best_val_accuracy", "base_epoch_s",
             "head_epoch_s", "cache_speedup", "trainable_params", "total_params", "wall_time_s")
 
@@ -78,9 +102,10 @@ class Config:
     image_size: int = 64  # image side in pixels, at least 32; 150 is usual for photos
     epochs: int = 3  # phase 1: head epochs with the base frozen
     fine_tune_epochs: int = 0  # phase 2: epochs with block5 unfrozen (0 skips it; slow on CPU)
-    batch_size: int = 32  # examples per step
+    batch_size: int = 32  # examples per step (per replica under --strategy)
     learning_rate: float = 1e-3  # phase 1 Adam learning rate
     fine_tune_lr_divisor: float = 30.0  # phase 2 learning rate = learning_rate / this (10-100)
+    scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     dense_units: int = 1024  # width of the head's Dense(relu) layer
     cache_features: bool = False  # run the frozen base once, train the head on stored features
     cache_file: str | None = None  # with --cache_features: keep features in this .npz file and
@@ -216,8 +241,14 @@ def count_params(weights):
 # --- data and timing -----------------------------------------------------------
 
 def make_dataset(x, y, batch_size, seed, shuffle=True, repeat=False):
-    """An in-memory tf.data pipeline; training batches are full, so steps compare."""
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    """An in-memory tf.data pipeline; training batches are full, so steps compare.
+
+    Under a multi-worker strategy each worker takes its share of every batch
+    (sharding by data: an in-memory source has no files to shard by).
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).with_options(options)
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(min(batch_size, len(x)), drop_remainder=shuffle)
@@ -236,9 +267,13 @@ class EstimatePrinter(keras.callbacks.Callback):
         super().__init__()
         self.timer, self.label = timer, label
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.first = 0
+
+    def on_train_begin(self, logs=None):
+        self.first = len(self.timer.seconds)  # a resumed phase: the killed run's steps are kept
 
     def on_train_batch_end(self, batch, logs=None):
-        seconds = self.timer.seconds
+        seconds = self.timer.seconds[self.first:]
         if len(seconds) == self.warmup_steps + 2 and self.total_steps > len(seconds):
             print_estimate(self.label, steady(seconds, self.warmup_steps), self.total_steps)
 
@@ -250,12 +285,18 @@ def print_estimate(label, step_seconds, total_steps):
 
 
 def extract_features(extractor, x, batch_size, warmup_steps=1, label="feature extraction"):
-    """extractor(x) in batches -> (features float32, seconds per batch)."""
+    """extractor(x) in batches -> (features float32, seconds per batch).
+
+    On one device, even when the extractor was built under a strategy: its own
+    predict_on_batch would, under MultiWorkerMirroredStrategy, gather every
+    worker's copy of the batch into its result.
+    """
+    forward = tf.function(lambda batch: extractor(batch, training=False), reduce_retracing=True)
     features, seconds = [], []
     steps = -(-len(x) // batch_size)
     for i in range(0, len(x), batch_size):
         start = time.perf_counter()
-        features.append(np.asarray(extractor.predict_on_batch(x[i:i + batch_size])))
+        features.append(np.asarray(forward(x[i:i + batch_size])))
         seconds.append(time.perf_counter() - start)
         if len(seconds) == warmup_steps + 2 and steps > len(seconds):
             print_estimate(label, steady(seconds, warmup_steps), steps)
@@ -296,6 +337,26 @@ def cached_features(extractor, x_train, x_val, batch_size, config):
     return train, val, seconds
 
 
+def kept_features(extractor, x_train, x_val, batch_size, config, path):
+    """cached_features, also written whole to `path` (in the run folder) with the
+    extraction's timings: a resumed run reads them back instead of running the base again.
+    Returns (train features, val features, seconds per batch or None)."""
+    if os.path.isfile(path):  # written atomically: there means whole
+        with np.load(path) as stored:
+            train, val, seconds = stored["train"], stored["val"], stored["seconds"].tolist()
+        print(f"features read back from {path} (extracted before the run stopped; "
+              "not recomputed)")
+        return train, val, seconds or None
+    train, val, seconds = cached_features(extractor, x_train, x_val, batch_size, config)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def save(partial):  # through a file object: np.savez would add .npz to a bare name
+        with open(partial, "wb") as f:
+            np.savez(f, train=train, val=val, seconds=np.asarray(seconds or [], np.float64))
+    write_atomically(path, save)
+    return train, val, seconds
+
+
 # --- saving --------------------------------------------------------------------
 
 def export_saved_model(model, path):
@@ -330,21 +391,53 @@ class SaveBest(keras.callbacks.Callback):
 # --- training ------------------------------------------------------------------
 
 def fit_phase(model, train, val, label, epochs, initial_epoch, learning_rate, steps, config,
-              callbacks):
-    """Compiles `model` at `learning_rate` and trains it; returns (history, StepTimer)."""
+              callbacks, fit=None, resume=None, timer=None, frozen=()):
+    """Compiles `model` at `learning_rate` (a new Adam) and trains it up to `epochs`;
+    returns (the last epoch's logs, StepTimer).
+
+    fit: called like keras.Model.fit(model, ...), its default. resume: (checkpoint,
+    saved) from latest_checkpoint: its weights and optimizer state are restored
+    after the compile and training goes on after its last finished epoch (none
+    left: its logs are returned). frozen: weights that must not change.
+    """
+    fit = fit or keras.Model.fit
+    checkpoint, saved = resume or (None, {"epochs_done": 0, "state": {}, "logs": {}})
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    timer = StepTimer()
+    if checkpoint:
+        print(f"Resuming {label} after epoch {saved['epochs_done']} from {checkpoint}")
+        restore(model, checkpoint)
+    initial_epoch = max(initial_epoch, saved["epochs_done"])
+    before = [w.numpy() for w in frozen]
+    timer = timer or StepTimer()
     estimate = EstimatePrinter(timer, label, steps * (epochs - initial_epoch), config.warmup_steps)
-    history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                        steps_per_epoch=config.steps_per_epoch, verbose=2,
-                        shuffle=False,  # make_dataset shuffles
-                        callbacks=[timer, estimate, keras.callbacks.TerminateOnNaN(), *callbacks])
-    loss = history.history["loss"][-1]
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"{label}: training loss became {loss}; lower --learning_rate "
-                                 "(or raise --fine_tune_lr_divisor)")
-    return history, timer
+    history = fit(model, train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=config.steps_per_epoch, verbose=2,
+                  shuffle=False,  # make_dataset shuffles
+                  callbacks=[timer, estimate, keras.callbacks.TerminateOnNaN(), *callbacks])
+    logs = final_logs(history, saved)
+    if not np.isfinite(logs["loss"]):
+        raise FloatingPointError(f"{label}: training loss became {logs['loss']}; lower "
+                                 "--learning_rate (or raise --fine_tune_lr_divisor)")
+    if not all(np.array_equal(a, w.numpy()) for a, w in zip(before, frozen)):
+        raise RuntimeError(f"{label}: frozen weights changed")  # a recipe bug, not input
+    return logs, timer
+
+
+def phase_state(timer, save_best, metrics):
+    """What a checkpoint carries besides the model: the phase's step times so far, the
+    best model's accuracy and epoch, the metrics measured before (EpochCheckpoint's state)."""
+    return lambda: {"step_seconds": timer.seconds, "best": save_best.best,
+                    "best_epoch": save_best.best_epoch, "metrics": dict(metrics)}
+
+
+def continue_state(saved, timer, save_best, metrics):
+    """Puts phase_state's record from a checkpoint back (a fresh start has none)."""
+    state = saved["state"]
+    timer.seconds = list(state.get("step_seconds", []))
+    save_best.best = state.get("best", save_best.best)
+    save_best.best_epoch = state.get("best_epoch", save_best.best_epoch)
+    metrics.update(state.get("metrics", {}))
 
 
 def as_rgb(x, image_size):
@@ -391,10 +484,21 @@ def check(config, data):
     check_weights(config.weights)
 
 
-def run(config, run_dir, data):
-    """Phase 1 (frozen base, maybe cached), phase 2 (block5); returns flat metrics."""
+def run(config, run_dir, data, strategy=None, fit=None):
+    """Phase 1 (frozen base, maybe cached), phase 2 (block5); returns flat metrics.
+
+    `strategy`: a tf.distribute strategy (MirroredStrategy,
+    MultiWorkerMirroredStrategy) or None for one device; --batch_size is then
+    per replica and the learning rate scales with the replica count. `fit`:
+    called like keras.Model.fit(model, dataset, ...) (the default); the CLI
+    passes a strategy.run loop for MultiWorkerMirroredStrategy, where Keras'
+    fit fails. Each epoch is checkpointed under run_dir/checkpoints: running
+    again on the same run_dir continues a killed run after its last finished
+    epoch, in either phase, and reads back the cached features it had written.
+    """
     start = time.perf_counter()
     check(config, data)
+    replicas = replica_count(strategy)
     (x_train, y_train), (x_val, y_val) = data
     x_train, x_val = as_rgb(x_train, config.image_size), as_rgb(x_val, config.image_size)
     y_train, y_val = np.asarray(y_train, np.int64).ravel(), np.asarray(y_val, np.int64).ravel()
@@ -404,62 +508,86 @@ def run(config, run_dir, data):
               "mechanics and speed\n*** (freezing, caching, fine-tuning); its accuracy says "
               f"nothing about transfer learning. ***\n{PRETRAINED_NOTE}\n", flush=True)
     keras.utils.set_random_seed(config.seed)
-    base = load_vgg16(config.weights, config.image_size)
-    model, head, extractor = build_model(base, num_classes, config.dense_units, config.augment,
-                                         config.seed)
-    batch_size = min(config.batch_size, len(x_train))
+    with distribution_scope(strategy):  # every model is built, compiled and fit in it
+        base = load_vgg16(config.weights, config.image_size)
+        model, head, extractor = build_model(base, num_classes, config.dense_units,
+                                             config.augment, config.seed)
+    replica_batch = min(config.batch_size, len(x_train))  # also the extraction's batch
+    batch_size = min(config.batch_size * replicas, len(x_train))  # one step, all replicas
+    lr = config.learning_rate * (replicas if config.scale_lr_with_replicas else 1)
     steps = config.steps_per_epoch or len(x_train) // batch_size
     repeat = config.steps_per_epoch is not None
     log_dir = os.path.join(run_dir, "train_log")  # both phases: one TensorBoard timeline
+    checkpoints = os.path.join(run_dir, "checkpoints")
     save_best = SaveBest(model, os.path.join(run_dir, "best.keras"))
     metrics = {"total_params": count_params(model.weights),
-               "trainable_params": count_params(model.trainable_weights)}
-
-    print(f"\n== phase 1: head on the frozen base ({metrics['trainable_params']:,} of "
-          f"{metrics['total_params']:,} parameters train) ==")
-    if config.cache_features:
-        f_train, f_val, extract_seconds = cached_features(extractor, x_train, x_val, batch_size,
-                                                          config)
-        if extract_seconds is not None:  # one pass of the base = the cost of an uncached epoch
-            metrics["base_epoch_s"] = epoch_seconds(extract_seconds, config.warmup_steps, steps)
-            metrics["feature_extraction_s"] = float(np.sum(extract_seconds))
-        history, timer = fit_phase(
-            head, make_dataset(f_train, y_train, batch_size, config.seed, repeat=repeat),
-            make_dataset(f_val, y_val, batch_size, config.seed, shuffle=False),
-            "phase 1, head on cached features", config.epochs, 0, config.learning_rate, steps,
-            config, [keras.callbacks.TensorBoard(log_dir), save_best])
-        metrics["head_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
-        if "base_epoch_s" in metrics:
-            metrics["cache_speedup"] = metrics["base_epoch_s"] / metrics["head_epoch_s"]
+               "trainable_params": count_params(model.trainable_weights), "replicas": replicas}
     train_images = make_dataset(x_train, y_train, batch_size, config.seed, repeat=repeat)
     val_images = make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False)
-    if not config.cache_features:
-        frozen = [w.numpy() for w in base.weights]
-        history, timer = fit_phase(
-            model, train_images, val_images, "phase 1, head through the frozen base",
-            config.epochs, 0, config.learning_rate, steps, config,
-            [keras.callbacks.TensorBoard(log_dir), save_best])
-        metrics["base_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
-        if not all(np.array_equal(a, w.numpy()) for a, w in zip(frozen, base.weights)):
-            raise RuntimeError("the frozen base changed during phase 1")  # a recipe bug, not input
-    metrics["val_accuracy_phase1"] = float(history.history["val_accuracy"][-1])
+    phase2 = latest_checkpoint(os.path.join(checkpoints, "phase2"))
+
+    if phase2[0] is None:
+        print(f"\n== phase 1: head on the frozen base, batch {replica_batch} x {replicas} "
+              f"replica(s), learning rate {lr:.2e} ({metrics['trainable_params']:,} of "
+              f"{metrics['total_params']:,} parameters train) ==")
+        phase1_dir = os.path.join(checkpoints, "phase1")
+        resume = latest_checkpoint(phase1_dir)
+        timer = StepTimer()
+        continue_state(resume[1], timer, save_best, metrics)
+        callbacks = [keras.callbacks.TensorBoard(log_dir), save_best,
+                     EpochCheckpoint(phase1_dir, phase_state(timer, save_best, metrics))]
+        if config.cache_features:
+            f_train, f_val, extract_seconds = kept_features(
+                extractor, x_train, x_val, replica_batch, config,
+                os.path.join(checkpoints, "features.npz"))
+            if extract_seconds is not None:  # one pass of the base = the cost of an epoch
+                metrics["base_epoch_s"] = epoch_seconds(extract_seconds, config.warmup_steps,
+                                                        steps)
+                metrics["feature_extraction_s"] = float(np.sum(extract_seconds))
+            with distribution_scope(strategy):
+                logs, timer = fit_phase(
+                    head, make_dataset(f_train, y_train, batch_size, config.seed, repeat=repeat),
+                    make_dataset(f_val, y_val, batch_size, config.seed, shuffle=False),
+                    "phase 1, head on cached features", config.epochs, 0, lr, steps, config,
+                    callbacks, fit=fit, resume=resume, timer=timer)
+            metrics["head_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
+            if "base_epoch_s" in metrics:
+                metrics["cache_speedup"] = metrics["base_epoch_s"] / metrics["head_epoch_s"]
+        else:
+            with distribution_scope(strategy):
+                logs, timer = fit_phase(
+                    model, train_images, val_images, "phase 1, head through the frozen base",
+                    config.epochs, 0, lr, steps, config, callbacks, fit=fit, resume=resume,
+                    timer=timer, frozen=base.weights)
+            metrics["base_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
+        metrics["val_accuracy_phase1"] = float(logs["val_accuracy"])
+    else:
+        print("\n== phase 1: finished in an earlier run ==")
 
     if config.fine_tune_epochs:
         unfreeze_last_block(base)
         metrics["trainable_params_phase2"] = count_params(model.trainable_weights)
-        lr = config.learning_rate / config.fine_tune_lr_divisor
-        print(f"\n== phase 2: fine-tuning {LAST_BLOCK}* at learning rate {lr:.2e} "
+        fine_lr = lr / config.fine_tune_lr_divisor
+        print(f"\n== phase 2: fine-tuning {LAST_BLOCK}* at learning rate {fine_lr:.2e}, batch "
+              f"{replica_batch} x {replicas} replica(s) "
               f"({metrics['trainable_params_phase2']:,} parameters train) ==")
-        history, timer = fit_phase(
-            model, train_images, val_images, "phase 2, fine-tuning block5",
-            config.epochs + config.fine_tune_epochs, config.epochs, lr, steps, config,
-            [keras.callbacks.TensorBoard(log_dir), save_best])
-        metrics["val_accuracy_phase2"] = float(history.history["val_accuracy"][-1])
+        phase2_dir = os.path.join(checkpoints, "phase2")
+        timer = StepTimer()
+        continue_state(phase2[1], timer, save_best, metrics)
+        with distribution_scope(strategy):
+            logs, timer = fit_phase(
+                model, train_images, val_images, "phase 2, fine-tuning block5",
+                config.epochs + config.fine_tune_epochs, config.epochs, fine_lr, steps, config,
+                [keras.callbacks.TensorBoard(log_dir), save_best,
+                 EpochCheckpoint(phase2_dir, phase_state(timer, save_best, metrics))],
+                fit=fit, resume=phase2, timer=timer)
+        metrics["val_accuracy_phase2"] = float(logs["val_accuracy"])
         metrics["fine_tune_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
 
     write_atomically(os.path.join(run_dir, "final.keras"), model.save)
     if config.export == "saved_model":
         export_saved_model(model, os.path.join(run_dir, "saved_model"))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # done: final.keras holds the result
     metrics.update(val_accuracy=metrics.get("val_accuracy_phase2", metrics["val_accuracy_phase1"]),
                    best_val_accuracy=save_best.best, best_epoch=save_best.best_epoch,
                    pretrained=int(config.weights != "none"),
@@ -468,6 +596,86 @@ def run(config, run_dir, data):
         print(f"\nval_accuracy {metrics['val_accuracy']:.3f} is from random VGG16 weights: "
               f"not a result. {PRETRAINED_NOTE}")
     return metrics
+
+
+# --- scale-out kit: the same text in every recipe that takes --strategy and --resume -----
+# (strategy: a tf.distribute strategy, a keras.distribution.Distribution on JAX, or None
+# for one device. Under multi_worker every worker saves, since TensorFlow's saving runs
+# collective ops that all workers must join: give each its own run_dir (main.py gives
+# the others a temporary one). tests/test_kit.py fails if a copy differs)
+
+def replica_count(strategy):
+    """How many replicas split each step (batch sizes are per replica)."""
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "num_replicas_in_sync"):  # tf.distribute
+        return strategy.num_replicas_in_sync
+    return int(np.prod(strategy.device_mesh.shape))  # keras.distribution.DataParallel
+
+
+def distribution_scope(strategy):
+    """Where models are built, compiled and fit: the strategy's scope, if any."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch: the model with its optimizer, and the recipe's own state, atomically.
+
+    epoch_NNNN.json (the epoch's logs and state()) is written first, then the
+    model goes to a temporary name renamed epoch_NNNN.keras, so a kill at any
+    moment leaves the previous pair whole; latest_checkpoint trusts only a
+    .keras that has its .json. (Keras' BackupAndRestore writes in place.) Put
+    it after the TensorBoard callback: the epoch's point is flushed to disk
+    before the checkpoint that makes a resumed run skip that epoch.
+    """
+
+    def __init__(self, folder, state=None):
+        super().__init__()
+        self.folder, self.state = folder, state or dict
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.folder, exist_ok=True)
+        stem = os.path.join(self.folder, f"epoch_{epoch + 1:04d}")
+        payload = {"epochs_done": epoch + 1, "state": self.state(),
+                   "logs": {k: float(v) for k, v in (logs or {}).items()}}
+
+        def dump(partial):
+            with open(partial, "w") as f:
+                json.dump(payload, f)
+        write_atomically(stem + ".json", dump)
+        write_atomically(stem + ".keras", self.model.save)
+        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+            os.remove(older)
+            os.remove(older[:-len(".keras")] + ".json")
+
+
+def latest_checkpoint(folder):
+    """(path, {"epochs_done", "state", "logs"}) of the newest whole checkpoint in folder,
+    or (None, {"epochs_done": 0, "state": {}, "logs": {}})."""
+    for path in sorted(glob.glob(os.path.join(folder, "epoch_*.keras")), reverse=True):
+        try:
+            with open(path[:-len(".keras")] + ".json") as f:
+                return path, json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None, {"epochs_done": 0, "state": {}, "logs": {}}
+
+
+def restore(model, checkpoint):
+    """Loads a checkpoint's weights and optimizer state (its step count, so schedules go
+    on where they were) into the same model, built and compiled afresh (under the
+    strategy's scope): no custom objects to register, the run's own code rebuilds it."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoint)
+
+
+def final_logs(history, saved):
+    """The last epoch's logs: from this fit's history, or, when the killed run had finished
+    every epoch already (so fit ran none), from its checkpoint."""
+    return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
+
+# --- end of scale-out kit ----------------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----
