@@ -175,6 +175,10 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
     logs = final_logs(history, saved)
     check_finite(logs["loss"], batch_size, learning_rate)
     write_atomically(os.path.join(log_dir, "model.keras"), model.save)
+    steps = config.steps_per_epoch or len(x_train) // global_batch
+    log_per_epoch(log_dir, "batch/epoch_examples_per_sec", [  # Custom Scalars: a line per batch size
+        global_batch / float(np.median(timer.seconds[i:i + steps]))
+        for i in range(0, len(timer.seconds), steps)])
     return {**throughput(timer.seconds, global_batch, config.warmup_steps),
             "val_loss": logs["val_loss"], "val_accuracy": logs["val_accuracy"],
             "learning_rate": learning_rate, "wall_time_s": time.perf_counter() - start}
@@ -195,6 +199,19 @@ def log_sweep(log_dir, results):
             for key in ("examples_per_sec", "val_accuracy", "val_loss", "step_time_ms_p50"):
                 tf.summary.scalar(f"sweep/{key}", r[key], step=batch_size)
     writer.close()
+
+
+def log_tensorboard(run_dir, results, table):
+    """HParams: a trial per batch size; the table as the Text summary; a Custom Scalars
+    chart of examples/s per epoch with a line per batch size."""
+    log_hparams_trials(os.path.join(run_dir, "hparams"), "batch", {
+        f"batch_{b}": ({"batch_size": b, "learning_rate": r["learning_rate"]},
+                       {key: r[key] for key in ("examples_per_sec", "step_time_ms_p90",
+                                                "val_accuracy")})
+        for b, r in results.items()})
+    log_text_summary(run_dir, table)
+    log_custom_scalars(run_dir, "batch", {"examples/s per epoch, a line per batch size":
+                                          [r"^batch/epoch_examples_per_sec$"]})
 
 
 def format_table(results, best):
@@ -257,7 +274,9 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # the sweep is done
     best = pick_best(results, config.accuracy_tolerance)
     log_sweep(os.path.join(run_dir, "sweep"), results)
-    print("\n" + format_table(results, best))
+    table = format_table(results, best)
+    print("\n" + table)
+    log_tensorboard(run_dir, results, table)
     metrics = {f"{key}_b{b}": value for b, r in results.items() for key, value in r.items()}
     smallest, largest = min(results), max(results)
     metrics.update(
@@ -413,6 +432,89 @@ def final_logs(history, saved):
     return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
 
 # --- end of scale-out kit ----------------------------------------------------------------
+
+
+# --- TensorBoard kit: the same text in every recipe that compares settings ------------
+# (HParams trials, the Text summary, Custom Scalars layouts; TensorBoard ships with
+# TensorFlow, and without it (a JAX-only install) these write nothing.
+# tests/test_kit.py fails if a copy differs)
+
+def tf_summary():
+    """TensorFlow's tf.summary, or None where TensorFlow is not installed."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf.summary
+
+
+def log_text_summary(log_dir, table):
+    """The table the run printed, in TensorBoard's Text tab under the tag `summary`
+    (a fenced block: markdown that keeps the columns lined up)."""
+    summary = tf_summary()
+    if summary is None:
+        return
+    writer = summary.create_file_writer(log_dir)
+    with writer.as_default():
+        summary.text("summary", "```\n" + table.strip("\n") + "\n```", step=0)
+    writer.close()
+
+
+def log_hparams_trials(log_dir, recipe, trials):
+    """One HParams trial per compared setting: trials = {name: (hparams, metrics)}, each
+    written to log_dir/<name>.
+
+    TensorBoard's HParams tab builds one table from every trial under its
+    logdir, so no experiment config is written (the tab would then show that
+    one recipe's columns alone). Each trial carries a `recipe` hparam instead,
+    its metrics are named `<recipe>/<metric>`, and its trial id names its run
+    folder: trials of several recipes and days share the table without sharing
+    a row or a metric column.
+    """
+    summary = tf_summary()
+    if summary is None:
+        return
+    from tensorboard.plugins.hparams import api as hp
+    run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for name, (hparams, metrics) in trials.items():
+        writer = summary.create_file_writer(os.path.join(log_dir, name))
+        with writer.as_default():
+            hp.hparams({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")
+            for key, value in metrics.items():
+                summary.scalar(f"{recipe}/{key}", value, step=0)
+        writer.close()
+
+
+def log_custom_scalars(log_dir, recipe, charts):
+    """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
+    run and matching tag, in a category named after the recipe (TensorBoard merges the
+    layouts of all runs by category, so repeated runs add lines, not charts)."""
+    summary = tf_summary()
+    if summary is None:
+        return
+    from tensorboard.plugins.custom_scalar import layout_pb2, summary as custom_scalar
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    writer = summary.create_file_writer(log_dir)
+    with writer.as_default():
+        summary.experimental.write_raw_pb(custom_scalar.pb(layout).SerializeToString(), step=0)
+    writer.close()
+
+
+def log_per_epoch(log_dir, tag, values):
+    """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
+    once, when the run ends, so a resumed run's earlier epochs count once."""
+    summary = tf_summary()
+    if summary is None:
+        return
+    writer = summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for epoch, value in enumerate(values):
+            summary.scalar(tag, value, step=epoch)
+    writer.close()
+
+# --- end of TensorBoard kit ----------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -888,6 +888,19 @@ def log_sweep(log_dir, rows):
     writer.close()
 
 
+def log_tensorboard(run_dir, engine, baseline_accuracy, baseline_gzip, rows, table):
+    """HParams: the baseline and each pruned sparsity, one trial each; the printed tables
+    as the Text summary."""
+    trials = {"baseline": ({"sparsity": 0.0, "engine": engine},
+                           {"accuracy": baseline_accuracy, "gzip_bytes": baseline_gzip})}
+    for target, row in rows.items():
+        trials[f"sparsity_{round(100 * target)}"] = (
+            {"sparsity": float(target), "engine": engine},
+            {"accuracy": row["accuracy"], "gzip_bytes": row["gzip_bytes"]})
+    log_hparams_trials(os.path.join(run_dir, "hparams"), "prune", trials)
+    log_text_summary(run_dir, table)
+
+
 def format_table(m, per_layer, targets, suffix):
     lines = [f"{'':<24} {'baseline':>10} {'pruned':>10}   ({m['engine']} engine)",
              f"{'accuracy':<24} {m['baseline_accuracy']:>10.4f} {m['pruned_accuracy']:>10.4f}"
@@ -986,9 +999,10 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         f"summary/{key}": metrics[key] for key in (
             "baseline_accuracy", "pruned_accuracy", "sparsity_measured", "baseline_gzip_bytes",
             "pruned_gzip_bytes", "tflite_quant_gzip_bytes") if key in metrics})
-    print("\n" + format_table(metrics, result["per_layer"],
-                              {name: target for name in result["per_layer"]}, suffix))
-
+    table = format_table(metrics, result["per_layer"],
+                         {name: target for name in result["per_layer"]}, suffix)
+    print("\n" + table)
+    trials = {target: {**result, "gzip_bytes": pruned_gzip}}  # HParams: the sweep's too
     if config.sweep:
         rows = {}
         for target in config.sweep:
@@ -1004,16 +1018,21 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
                 run_dir, f"sweep_{round(100 * target)}{suffix}"))
             rows[target] = row
         log_sweep(os.path.join(run_dir, "sweep"), rows)
-        print(f"\n{'target':>7} {'measured':>9} {'accuracy':>9} {'drop pts':>9} "
-              f"{'gzip bytes':>11} {'ratio':>6}")
+        sweep_table = [f"{'target':>7} {'measured':>9} {'accuracy':>9} {'drop pts':>9} "
+                       f"{'gzip bytes':>11} {'ratio':>6}"]
         for target, row in rows.items():
-            print(f"{target:>7.2f} {row['sparsity_measured']:>9.3f} {row['accuracy']:>9.4f} "
-                  f"{100 * (baseline_accuracy - row['accuracy']):>9.2f} "
-                  f"{row['gzip_bytes']:>11,} {baseline_gzip / row['gzip_bytes']:>6.2f}")
+            sweep_table.append(
+                f"{target:>7.2f} {row['sparsity_measured']:>9.3f} {row['accuracy']:>9.4f} "
+                f"{100 * (baseline_accuracy - row['accuracy']):>9.2f} "
+                f"{row['gzip_bytes']:>11,} {baseline_gzip / row['gzip_bytes']:>6.2f}")
             key = round(100 * target)
             metrics[f"sweep_accuracy_s{key}"] = row["accuracy"]
             metrics[f"sweep_gzip_bytes_s{key}"] = row["gzip_bytes"]
             metrics[f"sweep_sparsity_measured_s{key}"] = row["sparsity_measured"]
+        print("\n" + "\n".join(sweep_table))
+        table += "\n\nsweep:\n" + "\n".join(sweep_table)
+        trials.update(rows)
+    log_tensorboard(run_dir, config.engine, baseline_accuracy, baseline_gzip, trials, table)
     metrics["wall_time_s"] = time.perf_counter() - start
     return metrics
 
@@ -1152,6 +1171,89 @@ def final_logs(history, saved):
     return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
 
 # --- end of scale-out kit ----------------------------------------------------------------
+
+
+# --- TensorBoard kit: the same text in every recipe that compares settings ------------
+# (HParams trials, the Text summary, Custom Scalars layouts; TensorBoard ships with
+# TensorFlow, and without it (a JAX-only install) these write nothing.
+# tests/test_kit.py fails if a copy differs)
+
+def tf_summary():
+    """TensorFlow's tf.summary, or None where TensorFlow is not installed."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf.summary
+
+
+def log_text_summary(log_dir, table):
+    """The table the run printed, in TensorBoard's Text tab under the tag `summary`
+    (a fenced block: markdown that keeps the columns lined up)."""
+    summary = tf_summary()
+    if summary is None:
+        return
+    writer = summary.create_file_writer(log_dir)
+    with writer.as_default():
+        summary.text("summary", "```\n" + table.strip("\n") + "\n```", step=0)
+    writer.close()
+
+
+def log_hparams_trials(log_dir, recipe, trials):
+    """One HParams trial per compared setting: trials = {name: (hparams, metrics)}, each
+    written to log_dir/<name>.
+
+    TensorBoard's HParams tab builds one table from every trial under its
+    logdir, so no experiment config is written (the tab would then show that
+    one recipe's columns alone). Each trial carries a `recipe` hparam instead,
+    its metrics are named `<recipe>/<metric>`, and its trial id names its run
+    folder: trials of several recipes and days share the table without sharing
+    a row or a metric column.
+    """
+    summary = tf_summary()
+    if summary is None:
+        return
+    from tensorboard.plugins.hparams import api as hp
+    run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for name, (hparams, metrics) in trials.items():
+        writer = summary.create_file_writer(os.path.join(log_dir, name))
+        with writer.as_default():
+            hp.hparams({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")
+            for key, value in metrics.items():
+                summary.scalar(f"{recipe}/{key}", value, step=0)
+        writer.close()
+
+
+def log_custom_scalars(log_dir, recipe, charts):
+    """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
+    run and matching tag, in a category named after the recipe (TensorBoard merges the
+    layouts of all runs by category, so repeated runs add lines, not charts)."""
+    summary = tf_summary()
+    if summary is None:
+        return
+    from tensorboard.plugins.custom_scalar import layout_pb2, summary as custom_scalar
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    writer = summary.create_file_writer(log_dir)
+    with writer.as_default():
+        summary.experimental.write_raw_pb(custom_scalar.pb(layout).SerializeToString(), step=0)
+    writer.close()
+
+
+def log_per_epoch(log_dir, tag, values):
+    """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
+    once, when the run ends, so a resumed run's earlier epochs count once."""
+    summary = tf_summary()
+    if summary is None:
+        return
+    writer = summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for epoch, value in enumerate(values):
+            summary.scalar(tag, value, step=epoch)
+    writer.close()
+
+# --- end of TensorBoard kit ----------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

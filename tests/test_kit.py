@@ -30,6 +30,10 @@ KITS = {
                   ("batch", "mixed_precision", "prune", "stream", "transfer"),
                   ("replica_count", "distribution_scope", "EpochCheckpoint",
                    "latest_checkpoint", "restore", "final_logs")),
+    "TensorBoard": ("# --- TensorBoard kit:", "# --- end of TensorBoard kit",
+                    ("batch", "prune"),
+                    ("tf_summary", "log_text_summary", "log_hparams_trials", "log_custom_scalars",
+                     "log_per_epoch")),
 }
 
 COMPOSED = ("advise",)  # the one recipe that is not drop-in: it imports the kits from a sibling
