@@ -52,6 +52,7 @@ Copy:   the one recipe that is not drop-in alone: it composes mixed_precision's
 import dataclasses
 import math
 import os
+import re
 import time
 import warnings
 
@@ -59,8 +60,9 @@ import keras
 import numpy as np
 
 from recipes import mixed_precision, prune
-from recipes.mixed_precision import (StepTimer, classifier_loss, fresh_model, steady,
-                                     throughput, write_atomically)
+from recipes.mixed_precision import (StepTimer, classifier_loss, fresh_model,
+                                     log_hparams_trials, log_text_summary, scalar_pb, steady,
+                                     throughput, write_atomically, write_events)
 
 # What main.py feeds this recipe: mixed_precision's default data as arrays, or a folder
 # (--data_dir) as a class-folder tree it reads through tf.data itself.
@@ -721,19 +723,29 @@ def format_table(recommended, not_recommended, combined, predicted):
     return "\n".join(lines)
 
 
-def log_tensorboard(log_dir, scalars, table):
-    """The probes' scalars and the table as a Text summary named `summary`."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for tag, points in scalars.items():
-            for step, value in points:
-                tf.summary.scalar(tag, value, step=step)
-        tf.summary.text("summary", "```\n" + table + "\n```", step=0)
-    writer.close()
+def log_tensorboard(log_dir, probes, findings, combined, table):
+    """The probes' scalars, the table as the Text summary, and HParams: a trial per
+    change measured (its full Setting, whether it was advised, its speedup), beside the
+    baseline and all advised changes together."""
+    write_events(log_dir, [(step, scalar_pb(tag, value))
+                           for tag, points in probes.scalars.items() for step, value in points])
+    log_text_summary(log_dir, table)
+
+    def hparams(setting, advised):
+        return {**{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+                   for k, v in dataclasses.asdict(setting).items()}, "advised": advised}
+
+    advised = [f for f in findings if f.recommended]
+    together = {k: v for f in advised for k, v in f.setting.items()}
+    trials = {"baseline": (hparams(probes.base, False), {"speedup": 1.0}),
+              "advised_together": (hparams(dataclasses.replace(probes.base, **together), True),
+                                   {"speedup": combined})}
+    for i, f in enumerate(findings, 1):
+        if f.comparison is not None:
+            trials[f"{i:02d}_" + re.sub(r"\W+", "_", f.change)[:40].strip("_")] = (
+                hparams(dataclasses.replace(probes.base, **f.setting), f.recommended),
+                {"speedup": f.comparison.speedup, "end_to_end_speedup": f.end_to_end})
+    log_hparams_trials(os.path.join(log_dir, "hparams"), "advise", trials)
 
 
 # --- the recipe ---------------------------------------------------------------------
@@ -803,12 +815,15 @@ def run(config, run_dir, data, model=None):
     finally:
         keras.mixed_precision.set_global_policy(previous)
     print("\n" + table)
-    print(f"size: {metrics['float32_gzip_bytes']:,} bytes gzipped in float32, "
-          f"{metrics['int8_gzip_bytes']:,} after model.quantize('int8') (left in float: "
-          f"{metrics['int8_unquantized_layers']}; same class on "
-          f"{metrics['int8_same_prediction']:.0%} of validation examples); prune further: "
-          "python main.py --recipe=prune --model=YOUR_MODEL.keras --data_dir=YOUR_DATA")
-    log_tensorboard(os.path.join(run_dir, "advise"), probes.scalars, table)
+    size_line = (f"size: {metrics['float32_gzip_bytes']:,} bytes gzipped in float32, "
+                 f"{metrics['int8_gzip_bytes']:,} after model.quantize('int8') (left in float: "
+                 f"{metrics['int8_unquantized_layers']}; same class on "
+                 f"{metrics['int8_same_prediction']:.0%} of validation examples); prune "
+                 "further: python main.py --recipe=prune --model=YOUR_MODEL.keras "
+                 "--data_dir=YOUR_DATA")
+    print(size_line)
+    log_tensorboard(os.path.join(run_dir, "advise"), probes, findings,
+                    metrics["combined_speedup"], table + "\n" + size_line)
     metrics.update(model_params=reference.count_params(), backend=keras.backend.backend(),
                    prune_command="python main.py --recipe=prune --model=YOUR_MODEL.keras",
                    wall_time_s=time.perf_counter() - start)

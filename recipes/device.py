@@ -465,34 +465,10 @@ def train_job(config, data, weights=None, log_dir=None, model=None):
 
 
 def log_history(log_dir, history):
-    """Per-epoch curves as TensorBoard scalars (epoch_loss, ...)."""
-    write_scalars(log_dir, {f"epoch_{key}": values for key, values in history.items()})
-
-
-def write_scalars(log_dir, scalars):
-    """{tag: [value at step 0, 1, ...]} as one TensorBoard event file, without TensorFlow.
-
-    tf.summary and tensorboard's own Writer both import TensorFlow when it is
-    installed (~4 s that a JAX run never needs), so this writes the same records
-    with tensorboard's event protos. Skipped where tensorboard is not installed.
-    """
-    try:
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
-    except ImportError:
-        return
-    os.makedirs(log_dir, exist_ok=True)
-    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
-            f"{os.getpid()}.{time.monotonic_ns()}")
-    with open(os.path.join(log_dir, name), "wb") as f:
-        writer = RecordWriter(f)
-        writer.write(event_pb2.Event(wall_time=time.time(),
-                                     file_version="brain.Event:2").SerializeToString())
-        for tag, values in scalars.items():
-            for step, value in enumerate(values):
-                event = event_pb2.Event(wall_time=time.time(), step=step)
-                event.summary.value.add(tag=tag, simple_value=float(value))
-                writer.write(event.SerializeToString())
+    """Per-epoch curves as TensorBoard scalars (epoch_loss, ...), written without TensorFlow
+    (~4 s of import that a JAX run never needs)."""
+    write_events(log_dir, [(step, scalar_pb(f"epoch_{key}", value))
+                           for key, values in history.items() for step, value in enumerate(values)])
 
 
 def accelerator_count():
@@ -662,15 +638,16 @@ def format_table(results, prices):
     return "\n".join(lines)
 
 
-def log_results(run_dir, results, cost_metrics):
-    """Per-device scalars in each device's TensorBoard run."""
-    for device, r in results.items():
-        if "error" not in r:
-            scalars = {f"job/{key}": [r[key]] for key in (
-                "wall_time_s", "examples_per_sec", "first_step_s", "val_accuracy",
-                "compute_floor_s")}
-            scalars["job/cost_usd"] = [cost_metrics[f"{metric_prefix(device)}_cost_usd"]]
-            write_scalars(os.path.join(run_dir, metric_prefix(device)), scalars)
+def log_results(run_dir, results, cost_metrics, table):
+    """HParams: a trial per device (time, throughput, accuracy, cost per job); the table
+    and the verdict as the Text summary."""
+    log_hparams_trials(os.path.join(run_dir, "hparams"), "device", {
+        metric_prefix(device): ({"device": device}, {
+            **{key: r[key] for key in ("wall_time_s", "examples_per_sec", "first_step_s",
+                                       "val_accuracy", "compute_floor_s")},
+            "cost_usd": cost_metrics[f"{metric_prefix(device)}_cost_usd"]})
+        for device, r in results.items() if "error" not in r})
+    log_text_summary(run_dir, table)
 
 
 def num_classes_of(data):
@@ -767,13 +744,13 @@ def run(config, run_dir, data, model=None):
             "FloatingPointError" in results[d]["error"] for d in failed):
         raise FloatingPointError(results[failed[0]]["error"])
     cost_lines, cost_metrics = compare_costs(results, prices)
-    log_results(run_dir, results, cost_metrics)
-    print("\n" + format_table(results, prices))
     if config.devices.strip().lower() == "auto" and devices == ["cpu"]:
         cost_lines.insert(0, "No GPU found (nvidia-smi lists none): only the CPU ran, "
                              "in this process.")
-    print("\n" + "\n".join(cost_lines))
-    print("\n" + "\n".join(explain(d, r) for d, r in results.items() if "error" not in r))
+    table = "\n\n".join([format_table(results, prices), "\n".join(cost_lines), "\n".join(
+        explain(d, r) for d, r in results.items() if "error" not in r)])
+    print("\n" + table)
+    log_results(run_dir, results, cost_metrics, table)
     metrics = {f"{metric_prefix(d)}_{key}": value for d, r in results.items()
                if "error" not in r for key, value in r.items()
                if isinstance(value, (int, float, str))}
@@ -838,6 +815,96 @@ def classifier_loss(model, num_classes):
             "sparse categorical cross-entropy from logits (its output has no softmax)")
 
 # --- end of model kit ------------------------------------------------------------------
+
+
+# --- TensorBoard kit: the same text in every recipe that compares settings ------------
+# (HParams trials, the Text summary, Custom Scalars, written with tensorboard's own
+# protos: no TensorFlow needed, so a JAX run never imports it; without the tensorboard
+# package they write nothing. tests/test_kit.py fails if a copy differs)
+
+def write_events(log_dir, summaries):
+    """[(step, tensorboard Summary proto), ...] as one new event file in log_dir."""
+    try:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{time.monotonic_ns()}")
+    with open(os.path.join(log_dir, name), "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+        for step, summary in summaries:
+            writer.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                         summary=summary).SerializeToString())
+
+
+def scalar_pb(tag, value):
+    from tensorboard.compat.proto import summary_pb2
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
+                                                                simple_value=float(value))])
+
+
+def log_text_summary(log_dir, table):
+    """The table the run printed, in TensorBoard's Text tab under the tag `summary`
+    (a fenced block: markdown that keeps the columns lined up)."""
+    try:
+        from tensorboard.plugins.text.summary_v2 import text_pb
+    except ImportError:
+        return
+    write_events(log_dir, [(0, text_pb("summary", "```\n" + table.strip("\n") + "\n```"))])
+
+
+def log_hparams_trials(log_dir, recipe, trials):
+    """One HParams trial per compared setting: trials = {name: (hparams, metrics)}, each
+    written to log_dir/<name>.
+
+    TensorBoard's HParams tab builds one table from every trial under its
+    logdir, so no experiment config is written (the tab would then show that
+    one recipe's columns alone). Each trial carries a `recipe` hparam instead,
+    its metrics are named `<recipe>/<metric>`, and its trial id names its run
+    folder: trials of several recipes and days share the table without sharing
+    a row or a metric column.
+    """
+    try:
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+    except ImportError:
+        return
+    run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for name, (hparams, metrics) in trials.items():
+        write_events(os.path.join(log_dir, name), [
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
+
+
+def log_custom_scalars(log_dir, recipe, charts):
+    """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
+    run and matching tag, in a category named after the recipe (TensorBoard merges the
+    layouts of all runs by category, so repeated runs add lines, not charts)."""
+    try:
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+        from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    except ImportError:
+        return
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    # What custom_scalar.summary.pb() makes, which would import TensorFlow for it.
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,
+                                    string_val=[layout.SerializeToString()])
+    write_events(log_dir, [(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=metadata.CONFIG_SUMMARY_TAG, metadata=metadata.create_summary_metadata(),
+        tensor=tensor)]))])
+
+
+def log_per_epoch(log_dir, tag, values):
+    """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
+    once, when the run ends, so a resumed run's earlier epochs count once."""
+    write_events(log_dir, [(epoch, scalar_pb(tag, value)) for epoch, value in enumerate(values)])
+
+# --- end of TensorBoard kit ----------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import time
 import typing
 
@@ -380,7 +381,7 @@ class Trainee:
             checkpoint, saved = latest_checkpoint(checkpoint_dir)
             if checkpoint:
                 restore(self.model, checkpoint)
-        self.policy, self.history = policy, saved["logs"]
+        self.policy, self.history, self.log_dir = policy, saved["logs"], log_dir
         self.epochs_done = saved["epochs_done"]
         self.timer, self.guard = StepTimer(), PolicyGuard(policy)
         state = saved["state"]
@@ -416,6 +417,13 @@ class Trainee:
         if not np.isfinite(self.history.get("val_loss", 0.0)):
             raise FloatingPointError(f"validation loss became {self.history['val_loss']} after "
                                      f"epoch {epoch + 1} under policy {self.policy}")
+
+    def log_step_times(self, steps_per_epoch):
+        """The median step time of each epoch, for the chart of step time per policy."""
+        seconds = self.timer.seconds
+        log_per_epoch(self.log_dir, "mixed_precision/epoch_step_time_ms", [
+            1000 * float(np.median(seconds[i:i + steps_per_epoch]))
+            for i in range(0, len(seconds), steps_per_epoch)])
 
     def results(self, batch_size, warmup_steps):
         out = {**throughput(self.timer.seconds, batch_size, warmup_steps),
@@ -490,6 +498,19 @@ def advise(model, batch_size, step_ms, fetch_ms):
 
 
 # --- the report -----------------------------------------------------------------
+
+def log_tensorboard(run_dir, policies, results, table):
+    """HParams: a trial per policy; the table and advice as the Text summary; a Custom
+    Scalars chart of step time per epoch with a line per policy."""
+    log_hparams_trials(os.path.join(run_dir, "hparams"), "mixed_precision", {
+        policy: ({"policy": policy},
+                 {key: r[key] for key in ("examples_per_sec", "step_time_ms_p50",
+                                          "val_accuracy", "val_loss")})
+        for policy, r in zip(policies, results)})
+    log_text_summary(run_dir, table)
+    log_custom_scalars(run_dir, "mixed_precision", {
+        "step time per epoch (ms), a line per policy": [r"^mixed_precision/epoch_step_time_ms$"]})
+
 
 def format_table(policies, results):
     lines = [f"{'policy':<16} {'examples/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'val_acc':>8} "
@@ -591,6 +612,8 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
                       + (" (baseline)" if t is not main else ""))
                 t.fit_epoch(epoch, x, y, (x_val, y_val), batch_size)
         results = [t.results(batch_size, config.warmup_steps) for t in trainees]
+        for t in trainees:  # Custom Scalars: a line per policy
+            t.log_step_times(n // batch_size)
         os.makedirs(run_dir, exist_ok=True)  # a drop-in caller's folder may not exist yet
         model_file = write_atomically(os.path.join(run_dir, f"{policy}.keras"), main.model.save)
     finally:
@@ -605,14 +628,15 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         metrics["loss_scale"] = loss_scale(main.model)
     tips = advise(main.model, batch_size, r["step_time_ms_p50"],
                   batch_fetch_ms(x_train, batch_size, config.seed))
+    table = format_table(policies, results)
     if config.compare:
         base = results[1]
         metrics.update({f"float32_{k}": v for k, v in base.items()})
         metrics.update(speedup=r["examples_per_sec"] / base["examples_per_sec"],
                        val_accuracy_delta=r["val_accuracy"] - base["val_accuracy"],
                        val_loss_delta=r["val_loss"] - base["val_loss"])
-        print(format_table(policies, results))
-        print(compare_verdict(recommended, reason, policy, metrics["speedup"]))
+        table += "\n" + compare_verdict(recommended, reason, policy, metrics["speedup"])
+        print(table)
         if metrics["speedup"] < 1 and recommended != "float32":
             tips.append(f"{policy} ran {1 / metrics['speedup']:.2f}x SLOWER than float32 here: "
                         "this hardware has no fast path for it; keep float32")
@@ -622,6 +646,7 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         print("advice: " + tip)
     metrics["advice"] = " | ".join(tips) or "none"
     metrics.update(model_params=reference.count_params(), model_file=model_file)
+    log_tensorboard(run_dir, policies, results, "\n".join([table] + [f"advice: {t}" for t in tips]))
     metrics["wall_time_s"] = time.perf_counter() - start
     return metrics
 
@@ -760,6 +785,96 @@ def final_logs(history, saved):
     return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
 
 # --- end of scale-out kit ----------------------------------------------------------------
+
+
+# --- TensorBoard kit: the same text in every recipe that compares settings ------------
+# (HParams trials, the Text summary, Custom Scalars, written with tensorboard's own
+# protos: no TensorFlow needed, so a JAX run never imports it; without the tensorboard
+# package they write nothing. tests/test_kit.py fails if a copy differs)
+
+def write_events(log_dir, summaries):
+    """[(step, tensorboard Summary proto), ...] as one new event file in log_dir."""
+    try:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{time.monotonic_ns()}")
+    with open(os.path.join(log_dir, name), "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+        for step, summary in summaries:
+            writer.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                         summary=summary).SerializeToString())
+
+
+def scalar_pb(tag, value):
+    from tensorboard.compat.proto import summary_pb2
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
+                                                                simple_value=float(value))])
+
+
+def log_text_summary(log_dir, table):
+    """The table the run printed, in TensorBoard's Text tab under the tag `summary`
+    (a fenced block: markdown that keeps the columns lined up)."""
+    try:
+        from tensorboard.plugins.text.summary_v2 import text_pb
+    except ImportError:
+        return
+    write_events(log_dir, [(0, text_pb("summary", "```\n" + table.strip("\n") + "\n```"))])
+
+
+def log_hparams_trials(log_dir, recipe, trials):
+    """One HParams trial per compared setting: trials = {name: (hparams, metrics)}, each
+    written to log_dir/<name>.
+
+    TensorBoard's HParams tab builds one table from every trial under its
+    logdir, so no experiment config is written (the tab would then show that
+    one recipe's columns alone). Each trial carries a `recipe` hparam instead,
+    its metrics are named `<recipe>/<metric>`, and its trial id names its run
+    folder: trials of several recipes and days share the table without sharing
+    a row or a metric column.
+    """
+    try:
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+    except ImportError:
+        return
+    run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for name, (hparams, metrics) in trials.items():
+        write_events(os.path.join(log_dir, name), [
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
+
+
+def log_custom_scalars(log_dir, recipe, charts):
+    """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
+    run and matching tag, in a category named after the recipe (TensorBoard merges the
+    layouts of all runs by category, so repeated runs add lines, not charts)."""
+    try:
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+        from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    except ImportError:
+        return
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    # What custom_scalar.summary.pb() makes, which would import TensorFlow for it.
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,
+                                    string_val=[layout.SerializeToString()])
+    write_events(log_dir, [(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=metadata.CONFIG_SUMMARY_TAG, metadata=metadata.create_summary_metadata(),
+        tensor=tensor)]))])
+
+
+def log_per_epoch(log_dir, tag, values):
+    """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
+    once, when the run ends, so a resumed run's earlier epochs count once."""
+    write_events(log_dir, [(epoch, scalar_pb(tag, value)) for epoch, value in enumerate(values)])
+
+# --- end of TensorBoard kit ----------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

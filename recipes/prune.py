@@ -80,6 +80,7 @@ import io
 import json
 import math
 import os
+import socket
 import time
 import typing
 import warnings
@@ -1174,29 +1175,43 @@ def final_logs(history, saved):
 
 
 # --- TensorBoard kit: the same text in every recipe that compares settings ------------
-# (HParams trials, the Text summary, Custom Scalars layouts; TensorBoard ships with
-# TensorFlow, and without it (a JAX-only install) these write nothing.
-# tests/test_kit.py fails if a copy differs)
+# (HParams trials, the Text summary, Custom Scalars, written with tensorboard's own
+# protos: no TensorFlow needed, so a JAX run never imports it; without the tensorboard
+# package they write nothing. tests/test_kit.py fails if a copy differs)
 
-def tf_summary():
-    """TensorFlow's tf.summary, or None where TensorFlow is not installed."""
+def write_events(log_dir, summaries):
+    """[(step, tensorboard Summary proto), ...] as one new event file in log_dir."""
     try:
-        import tensorflow as tf
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
-        return None
-    return tf.summary
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{time.monotonic_ns()}")
+    with open(os.path.join(log_dir, name), "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+        for step, summary in summaries:
+            writer.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                         summary=summary).SerializeToString())
+
+
+def scalar_pb(tag, value):
+    from tensorboard.compat.proto import summary_pb2
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
+                                                                simple_value=float(value))])
 
 
 def log_text_summary(log_dir, table):
     """The table the run printed, in TensorBoard's Text tab under the tag `summary`
     (a fenced block: markdown that keeps the columns lined up)."""
-    summary = tf_summary()
-    if summary is None:
+    try:
+        from tensorboard.plugins.text.summary_v2 import text_pb
+    except ImportError:
         return
-    writer = summary.create_file_writer(log_dir)
-    with writer.as_default():
-        summary.text("summary", "```\n" + table.strip("\n") + "\n```", step=0)
-    writer.close()
+    write_events(log_dir, [(0, text_pb("summary", "```\n" + table.strip("\n") + "\n```"))])
 
 
 def log_hparams_trials(log_dir, recipe, trials):
@@ -1210,48 +1225,41 @@ def log_hparams_trials(log_dir, recipe, trials):
     folder: trials of several recipes and days share the table without sharing
     a row or a metric column.
     """
-    summary = tf_summary()
-    if summary is None:
+    try:
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+    except ImportError:
         return
-    from tensorboard.plugins.hparams import api as hp
     run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
     for name, (hparams, metrics) in trials.items():
-        writer = summary.create_file_writer(os.path.join(log_dir, name))
-        with writer.as_default():
-            hp.hparams({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")
-            for key, value in metrics.items():
-                summary.scalar(f"{recipe}/{key}", value, step=0)
-        writer.close()
+        write_events(os.path.join(log_dir, name), [
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
 
 
 def log_custom_scalars(log_dir, recipe, charts):
     """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
     run and matching tag, in a category named after the recipe (TensorBoard merges the
     layouts of all runs by category, so repeated runs add lines, not charts)."""
-    summary = tf_summary()
-    if summary is None:
+    try:
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+        from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    except ImportError:
         return
-    from tensorboard.plugins.custom_scalar import layout_pb2, summary as custom_scalar
     layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
         layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
         for title, tags in charts.items()])])
-    writer = summary.create_file_writer(log_dir)
-    with writer.as_default():
-        summary.experimental.write_raw_pb(custom_scalar.pb(layout).SerializeToString(), step=0)
-    writer.close()
+    # What custom_scalar.summary.pb() makes, which would import TensorFlow for it.
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,
+                                    string_val=[layout.SerializeToString()])
+    write_events(log_dir, [(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=metadata.CONFIG_SUMMARY_TAG, metadata=metadata.create_summary_metadata(),
+        tensor=tensor)]))])
 
 
 def log_per_epoch(log_dir, tag, values):
     """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
     once, when the run ends, so a resumed run's earlier epochs count once."""
-    summary = tf_summary()
-    if summary is None:
-        return
-    writer = summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for epoch, value in enumerate(values):
-            summary.scalar(tag, value, step=epoch)
-    writer.close()
+    write_events(log_dir, [(epoch, scalar_pb(tag, value)) for epoch, value in enumerate(values)])
 
 # --- end of TensorBoard kit ----------------------------------------------------------
 

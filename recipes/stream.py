@@ -88,6 +88,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import socket
 import time
 import typing
 import zlib
@@ -913,14 +914,22 @@ def fit_loader(name, loader, make_model, config, steps, n_train, run_dir, strate
     return out
 
 
-def log_summaries(log_dir, results):
-    """One TensorBoard run per loader with its headline numbers as `stream/<metric>` scalars."""
+def log_tensorboard(run_dir, results, table):
+    """HParams: a trial per loader (its headline numbers as `stream/<metric>`); the table
+    as the Text summary; a Custom Scalars chart of images/s per epoch, a line per loader."""
+    keys = ("train_images_per_sec", "input_images_per_sec", "step_time_ms_p50", "val_accuracy",
+            "peak_rss_mb")
+    log_hparams_trials(os.path.join(run_dir, "hparams"), "stream", {
+        name: ({"loader": name}, {key: r[key] for key in keys if key in r})
+        for name, r in results.items()})
     for name, r in results.items():
-        writer = tf.summary.create_file_writer(os.path.join(log_dir, name))
-        with writer.as_default():
-            for key, value in r.items():
-                tf.summary.scalar(f"stream/{key}", value, step=0)
-        writer.close()
+        epochs = sorted(int(k[len("epoch"):-len("_images_per_sec")]) for k in r
+                        if k.startswith("epoch") and k.endswith("_images_per_sec"))
+        log_per_epoch(os.path.join(run_dir, name), "stream/epoch_images_per_sec",
+                      [r[f"epoch{i}_images_per_sec"] for i in epochs])
+    log_text_summary(run_dir, table)
+    log_custom_scalars(run_dir, "stream", {
+        "training images/s per epoch, a line per loader": [r"^stream/epoch_images_per_sec$"]})
 
 
 def format_table(results):
@@ -1020,17 +1029,17 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         shutil.rmtree(view_root, ignore_errors=True)
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # all trained
     results = {name: results[name] for name in names}
-    shutil.rmtree(os.path.join(run_dir, "summary"), ignore_errors=True)  # one point each
-    log_summaries(os.path.join(run_dir, "summary"), results)
-    print("\n" + format_table(results))
+    table = format_table(results)
     metrics = {f"{name}_{key}": value for name, r in results.items() for key, value in r.items()}
     if config.compare:
         metrics["speedup"] = (results["tf_data"]["train_images_per_sec"]
                               / results["generator"]["train_images_per_sec"])
         metrics["input_speedup"] = (results["tf_data"]["input_images_per_sec"]
                                     / results["generator"]["input_images_per_sec"])
-        print(f"tf.data/generator training images/s: {metrics['speedup']:.2f}x, "
-              f"input alone: {metrics['input_speedup']:.2f}x")
+        table += (f"\ntf.data/generator training images/s: {metrics['speedup']:.2f}x, "
+                  f"input alone: {metrics['input_speedup']:.2f}x")
+    print("\n" + table)
+    log_tensorboard(run_dir, results, table)
     metrics.update(
         train_images=len(train.paths), val_images=len(val.paths),
         num_classes=len(train.class_names), skipped_files=len(skipped),
@@ -1179,6 +1188,96 @@ def final_logs(history, saved):
     return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
 
 # --- end of scale-out kit ----------------------------------------------------------------
+
+
+# --- TensorBoard kit: the same text in every recipe that compares settings ------------
+# (HParams trials, the Text summary, Custom Scalars, written with tensorboard's own
+# protos: no TensorFlow needed, so a JAX run never imports it; without the tensorboard
+# package they write nothing. tests/test_kit.py fails if a copy differs)
+
+def write_events(log_dir, summaries):
+    """[(step, tensorboard Summary proto), ...] as one new event file in log_dir."""
+    try:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{time.monotonic_ns()}")
+    with open(os.path.join(log_dir, name), "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+        for step, summary in summaries:
+            writer.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                         summary=summary).SerializeToString())
+
+
+def scalar_pb(tag, value):
+    from tensorboard.compat.proto import summary_pb2
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
+                                                                simple_value=float(value))])
+
+
+def log_text_summary(log_dir, table):
+    """The table the run printed, in TensorBoard's Text tab under the tag `summary`
+    (a fenced block: markdown that keeps the columns lined up)."""
+    try:
+        from tensorboard.plugins.text.summary_v2 import text_pb
+    except ImportError:
+        return
+    write_events(log_dir, [(0, text_pb("summary", "```\n" + table.strip("\n") + "\n```"))])
+
+
+def log_hparams_trials(log_dir, recipe, trials):
+    """One HParams trial per compared setting: trials = {name: (hparams, metrics)}, each
+    written to log_dir/<name>.
+
+    TensorBoard's HParams tab builds one table from every trial under its
+    logdir, so no experiment config is written (the tab would then show that
+    one recipe's columns alone). Each trial carries a `recipe` hparam instead,
+    its metrics are named `<recipe>/<metric>`, and its trial id names its run
+    folder: trials of several recipes and days share the table without sharing
+    a row or a metric column.
+    """
+    try:
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+    except ImportError:
+        return
+    run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for name, (hparams, metrics) in trials.items():
+        write_events(os.path.join(log_dir, name), [
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
+
+
+def log_custom_scalars(log_dir, recipe, charts):
+    """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
+    run and matching tag, in a category named after the recipe (TensorBoard merges the
+    layouts of all runs by category, so repeated runs add lines, not charts)."""
+    try:
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+        from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    except ImportError:
+        return
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    # What custom_scalar.summary.pb() makes, which would import TensorFlow for it.
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,
+                                    string_val=[layout.SerializeToString()])
+    write_events(log_dir, [(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=metadata.CONFIG_SUMMARY_TAG, metadata=metadata.create_summary_metadata(),
+        tensor=tensor)]))])
+
+
+def log_per_epoch(log_dir, tag, values):
+    """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
+    once, when the run ends, so a resumed run's earlier epochs count once."""
+    write_events(log_dir, [(epoch, scalar_pb(tag, value)) for epoch, value in enumerate(values)])
+
+# --- end of TensorBoard kit ----------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

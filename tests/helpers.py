@@ -162,6 +162,7 @@ def tensorboard_server(logdir):
                 assert time.monotonic() < deadline, "tensorboard did not answer within 60 s"
                 time.sleep(0.5)
 
+    get.base_url = f"http://127.0.0.1:{port}"
     try:
         yield get
     finally:

@@ -142,9 +142,10 @@ def test_with_a_gpu_listed_each_device_runs_in_its_own_subprocess_and_a_failing_
     assert metrics["devices_failed"] == 1
     assert "gpu:99 is not visible" in metrics["gpu99_error"]
     assert "gpu99_wall_time_s" not in metrics and metrics["cheapest_device"] == "cpu"
-    tags = read_tensorboard_tags(run_dir / "cpu")
-    assert {"job/wall_time_s", "job/cost_usd", "job/examples_per_sec"} <= set(tags)
-    assert tags["job/cost_usd"][0] == pytest.approx(metrics["cpu_cost_usd"], rel=1e-5)
+    tags = read_tensorboard_tags(run_dir / "hparams" / "cpu")  # the CPU's HParams trial
+    assert {"device/wall_time_s", "device/cost_usd", "device/examples_per_sec"} <= set(tags)
+    assert tags["device/cost_usd"][0] == pytest.approx(metrics["cpu_cost_usd"], rel=1e-5)
+    assert not (run_dir / "hparams" / "gpu99").exists()  # the failed device has no trial
     assert len(read_tensorboard_tags(run_dir / "cpu" / "train")["epoch_loss"]) == 1
 
 
@@ -164,7 +165,7 @@ def test_without_a_gpu_the_cpu_job_runs_in_this_process_and_logs_like_a_worker(
     assert "loss:" in (run_dir / "cpu.log").read_text()  # fit's output went to its log
     assert len(read_tensorboard_tags(run_dir / "cpu" / "train")["epoch_loss"]) == 2
     assert metrics["cpu_cost_usd"] == pytest.approx(
-        read_tensorboard_tags(run_dir / "cpu")["job/cost_usd"][0], rel=1e-5)
+        read_tensorboard_tags(run_dir / "hparams" / "cpu")["device/cost_usd"][0], rel=1e-5)
 
 
 # main.py as it runs from a shell, which says at exit whether TensorFlow was ever imported.

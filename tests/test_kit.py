@@ -31,8 +31,9 @@ KITS = {
                   ("replica_count", "distribution_scope", "EpochCheckpoint",
                    "latest_checkpoint", "restore", "final_logs")),
     "TensorBoard": ("# --- TensorBoard kit:", "# --- end of TensorBoard kit",
-                    ("batch", "prune"),
-                    ("tf_summary", "log_text_summary", "log_hparams_trials", "log_custom_scalars",
+                    ("batch", "device", "mixed_precision", "prune", "stream", "tf_profile",
+                     "transfer"),
+                    ("write_events", "scalar_pb", "log_text_summary", "log_hparams_trials", "log_custom_scalars",
                      "log_per_epoch")),
 }
 

@@ -25,8 +25,8 @@ def epochs_printed(stdout):
 
 # (where the kill lands, the flags, the epoch the resumed run continues after)
 KILLS = {
-    # phase 1 through the frozen base (an epoch of images is long enough to land in)
-    "phase1": ("Epoch 2/3", [], 1),
+    # (a kill inside an epoch, resumed from the one before it, is batch's, mixed_precision's
+    # and prune's test too, through the same kit: here, what transfer adds)
     # phase 1 (cached features) finished and checkpointed, phase 2 started: phase 2 runs
     # again from its start, on features read back, not extracted again
     "between_phases": ("Epoch 4/5", ["--cache_features"], 3),
