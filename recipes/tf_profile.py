@@ -19,6 +19,15 @@ waiting for data?" in three ways.
      of the step itself). As a cross-check the pipeline is also timed alone,
      before training: its batches/s over the train step's own steps/s is the
      pipeline's headroom (below about 1x, no prefetching can hide it).
+  4. The Profile tab's first answers as plain text, for reading with no network
+     (the tab itself draws with Google Charts from a CDN and is blank offline):
+     the profile plugin's own converters read the trace (framework_op_stats,
+     input_pipeline_analyzer) into the top 10 operations by self time, the
+     profiler's input-bound verdict and its step-time breakdown (compute /
+     input / all others per traced step). They are printed at the end and,
+     with the timing table and verdict, logged as one TensorBoard Text summary
+     (tag `summary`, step 0). Without the plugin, or if a converter fails, the
+     run still finishes and one line says why the tables are missing.
   With no NVIDIA GPU the GPU series are simply absent and the output says so.
   The loop is the Keras 3 "training loop from scratch" (a tf.function train
   step over a tf.data iterator) because model.fit fetches each batch inside
@@ -44,10 +53,34 @@ Expect: on the default shapes data (6,000 28x28 images, batch 64, 2 epochs,
         Fashion-MNIST (--dataset=fashion_mnist --data_dir=..., 1 epoch):
         14% / 65% / 18% waiting, 3,400 / 1,760 / 4,490 examples/s, val
         accuracy 0.87. No GPU here, so the GPU series are absent.
+        The offline tables of the default run: the top op is the second conv's
+        Conv2DBackpropFilter (about 16% of the host's busy self time, the top 10
+        70-80%); the profiler counts 4-8% of the traced steps as input (its Input
+        column: time in tf.data ops only; the recipe's timer adds the eager
+        next() around them), 80-88% as host compute, and its verdict reads
+        "POTENTIALLY input-bound" (for 8% 'All Others': time it cannot put on an
+        op, Python or I/O) or, on a busier machine, "MODERATELY input-bound".
         `tensorboard --logdir runs` -> Profile tab lists the run's trace;
-        Time Series shows loss and monitor/* on one step/wall-time axis.
+        Time Series shows loss and monitor/* on one step/wall-time axis; Text
+        shows the tables (no network needed).
+Metrics: the recipe's timers: input_wait_percent, input_bound, input_wait_ms_p50/_p90,
+        train_step_ms_p50/_p90, step_time_ms_p50/_p90, examples_per_sec,
+        pipeline_batches_per_sec, pipeline_headroom; the monitor's <series>_mean/_max
+        (cpu_percent, system_cpu_percent, rss_mb, gpuN_...), monitor_samples, gpu_count;
+        loss, val_loss, val_accuracy, model_params, profile_trace, wall_time_s.
+        From the profile plugin's converters (absent when they cannot run):
+        top_op_name, top_op_type, top_op_where (Host, or Device when the trace has
+        device ops), top_op_self_time_ms (summed over the traced steps) and
+        top_op_self_time_share (a fraction, 0-1, of that side's self time, IDLE left
+        out: framework_op_stats's own share), top_ops_self_time_share (the top 10
+        together); input_wait_share_pct (input_pipeline_analyzer: the percent of
+        traced step time in its Input column, the number its verdict quotes unless
+        that speaks of 'All Others'), profile_traced_steps, and per traced step
+        profile_step_ms_avg = profile_compute_ms_avg (device + host compute) +
+        profile_input_ms_avg + profile_other_ms_avg (all the rest). Always:
+        profile_tables_error ("" when the tables were made, else why not).
 Copy:   this file alone works in any project with tensorflow, keras, psutil
-        and tensorboard-plugin-profile (for viewing the trace):
+        and tensorboard-plugin-profile (for viewing the trace and the offline tables):
         run(Config(), "logs", ((x_train, y_train), (x_val, y_val)),
         model=your_model) (model= is optional: a keras.Model, copied, or a
         builder fn(input_shape, num_classes)). The file is named
@@ -57,9 +90,11 @@ Copy:   this file alone works in any project with tensorflow, keras, psutil
 import contextlib
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import subprocess
+import socket
 import threading
 import time
 
@@ -72,7 +107,8 @@ import tensorflow as tf
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
 TAKES_MODEL = True  # run() takes model=: your keras.Model is traced instead of the CNN
 HEADLINE = ("input_wait_percent", "input_bound", "step_time_ms_p50", "input_wait_ms_p50",
-            "examples_per_sec", "pipeline_headroom", "cpu_percent_mean", "rss_mb_max", "gpu_count",
+            "examples_per_sec", "pipeline_headroom", "input_wait_share_pct", "top_op_name",
+            "top_op_self_time_share", "cpu_percent_mean", "rss_mb_max", "gpu_count",
             "val_accuracy", "wall_time_s")
 
 GPU_QUERY = ("index", "utilization.gpu", "memory.used", "power.draw")
@@ -388,6 +424,144 @@ def _ms(seconds, q):
     return 1000 * float(np.percentile(seconds, q))
 
 
+# --- the offline tables: what the Profile tab shows first, without its web page ------
+# (the tab draws with Google Charts from a CDN, blank offline; its converters run here)
+
+STEP_TOTAL, STEP_INPUT = "stepTimeMs", "infeedTimeMs"  # input_pipeline_analyzer's column ids
+STEP_COMPUTE = ("deviceComputeTimeMs", "hostComputeTimeMs")
+
+
+def profile_converter():
+    """The profile plugin's converter module (raw_to_tool_data), imported only when called:
+    in tensorboard-plugin-profile 2.20+ it lives in the xprof package the plugin wraps,
+    before that in the plugin itself. ImportError when neither is installed."""
+    try:
+        from xprof.convert import raw_to_tool_data
+    except ImportError:
+        from tensorboard_plugin_profile.convert import raw_to_tool_data
+    return raw_to_tool_data
+
+
+def profile_tool_data(xplane_path, tool):
+    """One Profile-tab tool's data for a trace, parsed: the converter's JSON, a list of
+    Google Charts DataTables ({"cols": [{"id", "label", "type"}], "rows": [{"c": [{"v"}]}],
+    "p": {name: text}}). RuntimeError when the converter finds nothing."""
+    data, _ = profile_converter().xspace_to_tool_data([os.fspath(xplane_path)], tool, {})
+    if not data:
+        raise RuntimeError(f"the {tool} converter returned nothing for {xplane_path}")
+    return json.loads(data)
+
+
+def datatable_rows(table):
+    """A DataTable's rows as [{column id: value}]."""
+    ids = [col["id"] for col in table["cols"]]
+    return [dict(zip(ids, (cell.get("v") if cell else None for cell in row["c"])))
+            for row in table["rows"]]
+
+
+def top_ops(op_stats, top=10):
+    """(where, ops): framework_op_stats's operations by total self time, IDLE left out,
+    on the device when the trace has device ops (a GPU), else on the host. Each op:
+    type, name, count, self_ms and share (the converter's own: a fraction, 0-1, of that
+    side's busy self time)."""
+    rows = [r for r in datatable_rows(op_stats[-1]) if r["type"] != "IDLE"]  # last: no IDLE
+    where = "Device" if any(r["host_or_device"] == "Device" for r in rows) else "Host"
+    share = f"{where.lower()}_total_self_time_percent"  # named percent, holds a fraction
+    rows = sorted((r for r in rows if r["host_or_device"] == where),
+                  key=lambda r: -r["total_self_time"])
+    return where, [{"type": r["type"], "name": r["operation"], "count": int(r["occurrences"]),
+                    "self_ms": r["total_self_time"] / 1000, "share": r[share]}
+                   for r in rows[:top]]
+
+
+def step_breakdown(input_pipeline):
+    """input_pipeline_analyzer's step-time table: {"conclusion": its verdict, "labels":
+    {column id: label} of the parts any step spends time in, "steps": [{column id: ms}]}.
+    The parts of a step add up to its step time."""
+    table = next((t for t in input_pipeline if any(c["id"] == STEP_TOTAL for c in t["cols"])),
+                 None)
+    if table is None:
+        raise RuntimeError("input_pipeline_analyzer holds no step-time table")
+    steps = datatable_rows(table)
+    parts = [c for c in table["cols"] if c["type"] == "number" and c["id"] != STEP_TOTAL]
+    return {"conclusion": table.get("p", {}).get("input_conclusion", ""),
+            "labels": {c["id"]: c["label"] for c in parts
+                       if any(s[c["id"]] for s in steps) or c["id"] == STEP_INPUT},
+            "steps": steps}
+
+
+def text_table(header, rows, align):
+    """Lines of a table padded to its widest cells; align: '<' or '>' per column."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(f"{c:{a}{w}}" for c, a, w in zip(row, align, widths)).rstrip()
+            for row in cells]
+
+
+def offline_profile_tables(xplane_path, top=10):
+    """(sections, metrics): the trace's top operations by self time, its input-pipeline
+    verdict and its step-time breakdown, read by the profile plugin's own converters
+    (framework_op_stats, input_pipeline_analyzer) as the Profile tab would show them.
+    sections: [(title, lines)] of aligned text; metrics: flat (the module's Metrics).
+    Raises when the plugin is missing or a converter fails."""
+    where, ops = top_ops(profile_tool_data(xplane_path, "framework_op_stats"), top)
+    pipeline = step_breakdown(profile_tool_data(xplane_path, "input_pipeline_analyzer"))
+    if not ops:
+        raise RuntimeError("framework_op_stats holds no operations")
+    sections = [(f"Top {len(ops)} operations by self time on the {where} "
+                 "(framework_op_stats; IDLE left out)",
+                 text_table(["#", "self ms", "share", "count", "type", "operation"],
+                            [[i, f"{op['self_ms']:.3f}", f"{100 * op['share']:.1f}%",
+                              op["count"], op["type"], op["name"]]
+                             for i, op in enumerate(ops, 1)],
+                            ">>>><<"))]
+    metrics = {"top_op_name": ops[0]["name"], "top_op_type": ops[0]["type"],
+               "top_op_where": where, "top_op_self_time_ms": ops[0]["self_ms"],
+               "top_op_self_time_share": ops[0]["share"],
+               "top_ops_self_time_share": sum(op["share"] for op in ops)}
+    steps, labels = pipeline["steps"], pipeline["labels"]
+    if not steps:  # no step markers in the trace: the converter says so in its verdict
+        sections.append(("Input pipeline (input_pipeline_analyzer)", [pipeline["conclusion"]]))
+        return sections, metrics
+    mean = {key: float(np.mean([s[key] for s in steps])) for key in [*labels, STEP_TOTAL]}
+    compute = sum(mean.get(key, 0.0) for key in STEP_COMPUTE)
+    metrics.update({
+        "input_wait_share_pct": 100 * mean[STEP_INPUT] / mean[STEP_TOTAL],
+        "profile_traced_steps": len(steps), "profile_step_ms_avg": mean[STEP_TOTAL],
+        "profile_compute_ms_avg": compute, "profile_input_ms_avg": mean[STEP_INPUT],
+        "profile_other_ms_avg": mean[STEP_TOTAL] - compute - mean[STEP_INPUT]})
+    sections.append(("Input pipeline (input_pipeline_analyzer)", [
+        f"{metrics['input_wait_share_pct']:.1f}% of step time waits for input "
+        f"({mean[STEP_INPUT]:.2f} of {mean[STEP_TOTAL]:.2f} ms a step, "
+        f"{len(steps)} traced steps)", pipeline["conclusion"]]))
+    rows = [[s["stepnum"], *(f"{s[key]:.2f}" for key in labels), f"{s[STEP_TOTAL]:.2f}"]
+            for s in steps]
+    rows.append(["average", *(f"{mean[key]:.2f}" for key in labels), f"{mean[STEP_TOTAL]:.2f}"])
+    rows.append(["share", *(f"{100 * mean[key] / mean[STEP_TOTAL]:.1f}%" for key in labels),
+                 "100%"])
+    sections.append(("Step-time breakdown, ms (input_pipeline_analyzer)",
+                     text_table(["step", *labels.values(), "step time"], rows,
+                                "<" + ">" * (len(labels) + 1))))
+    return sections, metrics
+
+
+def profile_tables_or_notice(xplane_path, top=10):
+    """offline_profile_tables(), or, when they cannot be made, one section of one line
+    saying why, and metrics {"profile_tables_error": why}. Never raises."""
+    try:
+        if not xplane_path:
+            raise RuntimeError("no trace was written")
+        sections, metrics = offline_profile_tables(xplane_path, top)
+        return sections, {**metrics, "profile_tables_error": ""}
+    except Exception as error:  # a missing plugin, a failed or changed converter
+        text = str(error).strip().splitlines()
+        why = f"{type(error).__name__}: {text[0] if text else 'no message'}"
+        if isinstance(error, ImportError):
+            why += " (pip install tensorboard-plugin-profile)"
+        return ([("Offline profile tables", [f"offline profile tables unavailable: {why}"])],
+                {"profile_tables_error": why})
+
+
 def check(config, data, model=None):
     """(batch size, total steps) of the run; ValueError (one line) for input that cannot run
     (`model`, yours, included: its output must classify the data's classes)."""
@@ -467,21 +641,31 @@ def run(config, run_dir, data, model=None):
         config.input_delay_ms > 0)
     traces = sorted(glob.glob(os.path.join(run_dir, "plugins", "profile", "*", "*.xplane.pb")))
     stats = monitor.summary()
-    print(f"\n{'':>12} {'p50 ms':>8} {'p90 ms':>8} {'share':>6}")
-    print(f"{'input wait':>12} {_ms(waits, 50):>8.2f} {_ms(waits, 90):>8.2f} {percent:>5.0f}%")
-    print(f"{'train step':>12} {_ms(steps, 50):>8.2f} {_ms(steps, 90):>8.2f} {100 - percent:>5.0f}%")
-    print(f"{'whole step':>12} {rates['step_time_ms_p50']:>8.2f} {rates['step_time_ms_p90']:>8.2f}"
-          f"        {rates['examples_per_sec']:.0f} examples/s")
-    print(f"monitor: {stats['monitor_samples']} samples, CPU {stats['cpu_percent_mean']:.0f}% "
-          f"mean (100 = one core), RSS max {stats['rss_mb_max']:.0f} MB"
-          + ("" if monitor.gpus_found else "; no GPU series (no NVIDIA GPU)"))
-    print("trace: " + (traces[-1] if traces else "none written")
-          + f"\n  view: tensorboard --logdir {run_dir}  (Profile tab)")
     step_rate = 1000 / _ms(steps, 50)  # steps/s the train step alone runs: training on free data
-    print(f"input pipeline alone: {pipeline_rate:.0f} batches/s; the train step alone: "
-          f"{step_rate:.0f} steps/s -> pipeline headroom {pipeline_rate / step_rate:.1f}x "
-          "(below about 1x the input sets the pace, whatever the overlap)")
-    print("\n".join(advice))
+    report = [
+        f"{'':>12} {'p50 ms':>8} {'p90 ms':>8} {'share':>6}",
+        f"{'input wait':>12} {_ms(waits, 50):>8.2f} {_ms(waits, 90):>8.2f} {percent:>5.0f}%",
+        f"{'train step':>12} {_ms(steps, 50):>8.2f} {_ms(steps, 90):>8.2f} {100 - percent:>5.0f}%",
+        f"{'whole step':>12} {rates['step_time_ms_p50']:>8.2f} {rates['step_time_ms_p90']:>8.2f}"
+        f"        {rates['examples_per_sec']:.0f} examples/s",
+        f"monitor: {stats['monitor_samples']} samples, CPU {stats['cpu_percent_mean']:.0f}% "
+        f"mean (100 = one core), RSS max {stats['rss_mb_max']:.0f} MB"
+        + ("" if monitor.gpus_found else "; no GPU series (no NVIDIA GPU)"),
+        "trace: " + (traces[-1] if traces else "none written"),
+        f"  view: tensorboard --logdir {run_dir}  (Profile tab; its charts need internet: "
+        "offline, read the tables below, also in the Text tab)",
+        f"input pipeline alone: {pipeline_rate:.0f} batches/s; the train step alone: "
+        f"{step_rate:.0f} steps/s -> pipeline headroom {pipeline_rate / step_rate:.1f}x "
+        "(below about 1x the input sets the pace, whatever the overlap)",
+        *advice]
+    print("\n" + "\n".join(report))
+    sections, tables = profile_tables_or_notice(traces[-1] if traces else "")
+    for title, lines in sections:  # or, when they cannot be made, the one line saying why
+        print("\n".join(lines if tables["profile_tables_error"] else ["", title, *lines]))
+    log_text_summary(run_dir, "\n\n".join(
+        "\n".join([title, *lines]) for title, lines in
+        [("Timing and verdict (this recipe's own timers, warm-up steps left out)", report),
+         *sections]))
     return {
         "input_wait_percent": percent,
         "input_bound": bound,
@@ -494,6 +678,7 @@ def run(config, run_dir, data, model=None):
         **stats,
         "loss": losses[-1], "val_loss": float(val_loss), "val_accuracy": float(val_accuracy),
         "profile_trace": traces[-1] if traces else "",
+        **tables,  # top_op_*, input_wait_share_pct, profile_*_ms_avg: the offline tables
         "model_params": model.count_params(),
         "wall_time_s": time.perf_counter() - start,
     }
@@ -553,6 +738,96 @@ def classifier_loss(model, num_classes):
             "sparse categorical cross-entropy from logits (its output has no softmax)")
 
 # --- end of model kit ------------------------------------------------------------------
+
+
+# --- TensorBoard kit: the same text in every recipe that compares settings ------------
+# (HParams trials, the Text summary, Custom Scalars, written with tensorboard's own
+# protos: no TensorFlow needed, so a JAX run never imports it; without the tensorboard
+# package they write nothing. tests/test_kit.py fails if a copy differs)
+
+def write_events(log_dir, summaries):
+    """[(step, tensorboard Summary proto), ...] as one new event file in log_dir."""
+    try:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{time.monotonic_ns()}")
+    with open(os.path.join(log_dir, name), "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+        for step, summary in summaries:
+            writer.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                         summary=summary).SerializeToString())
+
+
+def scalar_pb(tag, value):
+    from tensorboard.compat.proto import summary_pb2
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
+                                                                simple_value=float(value))])
+
+
+def log_text_summary(log_dir, table):
+    """The table the run printed, in TensorBoard's Text tab under the tag `summary`
+    (a fenced block: markdown that keeps the columns lined up)."""
+    try:
+        from tensorboard.plugins.text.summary_v2 import text_pb
+    except ImportError:
+        return
+    write_events(log_dir, [(0, text_pb("summary", "```\n" + table.strip("\n") + "\n```"))])
+
+
+def log_hparams_trials(log_dir, recipe, trials):
+    """One HParams trial per compared setting: trials = {name: (hparams, metrics)}, each
+    written to log_dir/<name>.
+
+    TensorBoard's HParams tab builds one table from every trial under its
+    logdir, so no experiment config is written (the tab would then show that
+    one recipe's columns alone). Each trial carries a `recipe` hparam instead,
+    its metrics are named `<recipe>/<metric>`, and its trial id names its run
+    folder: trials of several recipes and days share the table without sharing
+    a row or a metric column.
+    """
+    try:
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+    except ImportError:
+        return
+    run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for name, (hparams, metrics) in trials.items():
+        write_events(os.path.join(log_dir, name), [
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
+
+
+def log_custom_scalars(log_dir, recipe, charts):
+    """Custom Scalars charts: {title: [tag regex, ...]}, each one chart with a line per
+    run and matching tag, in a category named after the recipe (TensorBoard merges the
+    layouts of all runs by category, so repeated runs add lines, not charts)."""
+    try:
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+        from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    except ImportError:
+        return
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title=recipe, chart=[
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+        for title, tags in charts.items()])])
+    # What custom_scalar.summary.pb() makes, which would import TensorFlow for it.
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,
+                                    string_val=[layout.SerializeToString()])
+    write_events(log_dir, [(0, summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=metadata.CONFIG_SUMMARY_TAG, metadata=metadata.create_summary_metadata(),
+        tensor=tensor)]))])
+
+
+def log_per_epoch(log_dir, tag, values):
+    """One point per epoch (steps 0, 1, ...) of `tag`, for a Custom Scalars chart; written
+    once, when the run ends, so a resumed run's earlier epochs count once."""
+    write_events(log_dir, [(epoch, scalar_pb(tag, value)) for epoch, value in enumerate(values)])
+
+# --- end of TensorBoard kit ----------------------------------------------------------
 
 
 # --- measuring kit: the same text in every recipe that times steps or writes files ----

@@ -1,9 +1,12 @@
 """The profile recipe: a trace TensorBoard's Profile tab opens, monitor scalars
-beside the loss, and an input-bound verdict that follows the input pipeline."""
+beside the loss, an input-bound verdict that follows the input pipeline, and the
+Profile tab's first tables made offline by the plugin's own converters."""
 import contextlib
 import io
 import json
 import pathlib
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +33,28 @@ def run_quietly(config, run_dir, data):
     with contextlib.redirect_stdout(out):
         metrics = profile.run(config, str(run_dir), data)
     return metrics, out.getvalue()
+
+
+def plugin_tables(trace, tool):
+    """The profile plugin's own converter output for a trace (DataTables), and each
+    table's rows as [{column id: value}]."""
+    data, _ = profile.profile_converter().xspace_to_tool_data([trace], tool, {})
+    tables = json.loads(data)
+    return tables, [[dict(zip([c["id"] for c in t["cols"]], [cell["v"] for cell in row["c"]]))
+                     for row in t["rows"]] for t in tables]
+
+
+def read_text_summary(run_dir, tag="summary"):
+    """(events of the tag, the first one's markdown, its plugin name) in a run folder."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["tensors"]:
+        return [], "", ""
+    events = acc.Tensors(tag)
+    text = tf.make_ndarray(events[0].tensor_proto).item().decode()
+    return events, text, acc.SummaryMetadata(tag).plugin_data.plugin_name
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +199,118 @@ def test_recipe_file_works_dropped_in_alone(tmp_path):
         "m = profile.run(profile.Config(epochs=1, batch_size=8, profile_steps=(1, 2),\n"
         "                               sample_seconds=0.05), 'logs', ((x, y), (x[:16], y[:16])))\n"
         "assert list(pathlib.Path('logs').glob('plugins/profile/*/*.xplane.pb'))\n"
-        "print('WAIT', m['input_wait_percent'], m['monitor_samples'])\n")
+        "print('WAIT', m['input_wait_percent'], m['monitor_samples'])\n"
+        "print('TOP', m['top_op_name'], repr(m['profile_tables_error']))\n")
     result = run_dropin("tf_profile.py", script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "WAIT" in result.stdout
+    assert "Top 10 operations by self time" in result.stdout  # the converters work there too
+    assert re.search(r"^TOP \S+ ''$", result.stdout, re.M), result.stdout[-2000:]
+
+
+def test_offline_top_ops_match_the_profile_plugins_own_op_stats(profiled):
+    metrics, _, printed = profiled
+    assert metrics["profile_tables_error"] == ""
+    tables, rows = plugin_tables(metrics["profile_trace"], "framework_op_stats")
+    where = metrics["top_op_where"]
+    assert where == ("Device" if profile.query_gpus() else "Host")
+    ops = [r for r in rows[-1] if r["host_or_device"] == where and r["type"] != "IDLE"]
+    top = max(ops, key=lambda r: r["total_self_time"])
+    assert metrics["top_op_name"] == top["operation"] and metrics["top_op_type"] == top["type"]
+    assert metrics["top_op_self_time_ms"] == pytest.approx(top["total_self_time"] / 1000)
+    # The shares are the converter's own: fractions of the side's busy time, summing to 1.
+    shares = sorted(r[f"{where.lower()}_total_self_time_percent"] for r in ops)
+    assert sum(shares) == pytest.approx(1, abs=0.01)
+    assert metrics["top_op_self_time_share"] == pytest.approx(shares[-1])
+    assert metrics["top_ops_self_time_share"] == pytest.approx(sum(shares[-10:]))
+    assert 0 < metrics["top_op_self_time_share"] < metrics["top_ops_self_time_share"] <= 1
+
+    # Printed as an aligned table: ten ranked rows, names in the header's column.
+    lines = printed.split(f"Top 10 operations by self time on the {where}")[1].splitlines()[1:12]
+    header, first = lines[0], lines[1]
+    assert header.split() == ["#", "self", "ms", "share", "count", "type", "operation"]
+    assert first.index(metrics["top_op_name"]) == header.index("operation")
+    assert f"{100 * metrics['top_op_self_time_share']:.1f}%" in first.split()
+    assert [line.split()[0] for line in lines[1:]] == [str(i) for i in range(1, 11)]
+
+
+def test_offline_input_verdict_and_step_breakdown_match_the_converter(profiled):
+    metrics, _, printed = profiled
+    tables, rows = plugin_tables(metrics["profile_trace"], "input_pipeline_analyzer")
+    index = next(i for i, t in enumerate(tables) if t["cols"] and t["cols"][0]["id"] == "stepnum")
+    steps, summary = rows[index], tables[index]["p"]
+    assert [s["stepnum"] for s in steps] == ["train 3", "train 4", "train 5"]  # profile_steps
+    assert metrics["profile_traced_steps"] == 3
+    total = sum(s["stepTimeMs"] for s in steps)
+    assert metrics["input_wait_share_pct"] == pytest.approx(
+        100 * sum(s["infeedTimeMs"] for s in steps) / total)
+    # The converter's verdict quotes, to one decimal, the share it is about.
+    conclusion = summary["input_conclusion"]
+    stated = float(re.search(r"([\d.]+)% of the total step time", conclusion).group(1))
+    quoted = (metrics["input_wait_share_pct"] if "waiting for input" in conclusion
+              else 100 * sum(s["otherTimeMs"] for s in steps) / total)  # "All Others"
+    assert quoted == pytest.approx(stated, abs=0.051)
+    # The averages agree with the converter's own (rounded to 0.1 ms) and add up.
+    assert metrics["profile_step_ms_avg"] == pytest.approx(float(summary["steptime_ms_average"]),
+                                                           abs=0.051)
+    assert metrics["profile_input_ms_avg"] == pytest.approx(float(summary["infeed_time_ms_avg"]),
+                                                            abs=0.051)
+    assert metrics["profile_compute_ms_avg"] == pytest.approx(
+        float(summary["host_compute_time_ms_avg"]) + float(summary["device_compute_time_ms_avg"]),
+        abs=0.11)
+    assert metrics["profile_other_ms_avg"] >= 0
+    assert (metrics["profile_compute_ms_avg"] + metrics["profile_input_ms_avg"]
+            + metrics["profile_other_ms_avg"]) == pytest.approx(total / 3)
+    # Printed: the verdict and the share, then one row per traced step, the averages
+    # and the shares, in aligned columns.
+    assert conclusion in printed
+    assert f"{metrics['input_wait_share_pct']:.1f}% of step time waits for input" in printed
+    table = printed.split("Step-time breakdown, ms (input_pipeline_analyzer)\n")[1].splitlines()
+    assert [line.split()[0] for line in table[:6]] == ["step", "train", "train", "train",
+                                                       "average", "share"]
+    assert table[4].split()[-1] == f"{metrics['profile_step_ms_avg']:.2f}"
+    assert len({len(line) for line in table[:6]}) == 1  # numbers right-aligned
+
+
+def test_one_text_summary_holds_the_printed_tables_for_reading_offline(profiled):
+    metrics, run_dir, printed = profiled
+    events, text, plugin = read_text_summary(run_dir)
+    assert len(events) == 1 and events[0].step == 0 and plugin == "text"
+    assert metrics["top_op_name"] in text
+    verdict = "input-bound:" if metrics["input_bound"] else "compute-bound:"
+    assert verdict in text and "input wait" in text  # the recipe's own timing table
+    # Every printed line of the offline tables is in it, columns kept (a fenced block).
+    offline = printed[printed.index("Top 10 operations"):]
+    for line in filter(None, offline.splitlines()):
+        assert line in text.splitlines(), line
+    assert text.startswith("```\n") and text.endswith("\n```")
+    assert "Step-time breakdown" in text
+
+
+def test_converter_failure_still_finishes_the_run_with_a_one_line_notice(
+        tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter exploded\nwith a second line")
+    monkeypatch.setattr(profile.profile_converter(), "xspace_to_tool_data", broken)
+    config = profile.Config(epochs=1, batch_size=8, steps_per_epoch=4, profile_steps=(2, 3),
+                            sample_seconds=0.05, warmup_steps=1)
+    metrics, printed = run_quietly(config, tmp_path, tiny_data())
+    notice = "offline profile tables unavailable: RuntimeError: converter exploded"
+    assert [line for line in printed.splitlines() if "unavailable" in line] == [notice]
+    assert "Traceback" not in printed + capsys.readouterr().err and "second line" not in printed
+    assert metrics["profile_tables_error"] == "RuntimeError: converter exploded"
+    assert not {"top_op_name", "input_wait_share_pct", "profile_step_ms_avg"} & set(metrics)
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb")) and 0 <= metrics["val_accuracy"]
+    events, text, _ = read_text_summary(tmp_path)  # still written: the timings and the notice
+    assert len(events) == 1 and notice in text and "whole step" in text
+
+
+def test_missing_profile_plugin_is_named_in_the_one_line_notice(profiled, monkeypatch):
+    for name in ("xprof", "xprof.convert", "tensorboard_plugin_profile"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    sections, metrics = profile.profile_tables_or_notice(profiled[0]["profile_trace"])
+    assert len(sections) == 1 and len(sections[0][1]) == 1
+    line = sections[0][1][0]
+    assert line.startswith("offline profile tables unavailable: ") and "Error" in line
+    assert "pip install tensorboard-plugin-profile" in line
+    assert metrics == {"profile_tables_error": line.split("unavailable: ")[1]}
