@@ -197,3 +197,24 @@ def read_tensorboard_steps(event_dir):
     out = {tag: [e.step for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
     out.update({tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
     return out
+
+
+def run_two_workers(args_for, timeout=240):
+    """`python main.py` twice as a MultiWorkerMirroredStrategy cluster on 127.0.0.1 (free
+    ports, worker 0 the chief); args_for(index) gives each worker's arguments. Returns
+    [(returncode, stdout, stderr)] once both ended; neither outlives `timeout`."""
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workers = []
+    for index in range(2):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                               "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, str(REPO / "main.py"), *args_for(index)], cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outputs = [w.communicate(timeout=timeout) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    return [(w.returncode, out, err) for w, (out, err) in zip(workers, outputs)]

@@ -9,11 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, error_lines, free_ports, only_run_dir, read_tensorboard_tags,
-                      run_cli)
+from helpers import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
+                     run_two_workers)
 
 import main
-from cli import runs
 from recipes import batch
 
 # 400 steps of batch 4: an epoch takes about a second on 2 cores, long enough
@@ -168,24 +167,11 @@ def test_a_failure_after_training_keeps_the_trained_models_exit_1(tmp_path, capf
 
 
 def test_multi_worker_trains_on_two_local_workers(tmp_path):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    workers = []
-    for index in range(2):
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                               "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, str(REPO / "main.py"), "--recipe=batch", "--strategy=multi_worker",
-             "--batch_sizes=8", "--epochs=2", "--steps_per_epoch=5", "--warmup_steps=1",
-             f"--logdir={tmp_path / f'runs{index}'}"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    try:
-        outputs = [w.communicate(timeout=240) for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-2000:]
+    results = run_two_workers(lambda index: [
+        "--recipe=batch", "--strategy=multi_worker", "--batch_sizes=8", "--epochs=2",
+        "--steps_per_epoch=5", "--warmup_steps=1", f"--logdir={tmp_path / f'runs{index}'}"])
+    for code, out, err in results:
+        assert code == 0, err[-2000:]
         assert "x 2 replica(s)" in out
     metrics = json.loads((only_run_dir(tmp_path / "runs0", "batch") / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and np.isfinite(metrics["val_loss_b8"])

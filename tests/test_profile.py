@@ -258,7 +258,6 @@ def test_offline_input_verdict_and_step_breakdown_match_the_converter(profiled):
     assert metrics["profile_compute_ms_avg"] == pytest.approx(
         float(summary["host_compute_time_ms_avg"]) + float(summary["device_compute_time_ms_avg"]),
         abs=0.11)
-    assert metrics["profile_other_ms_avg"] >= 0
     assert (metrics["profile_compute_ms_avg"] + metrics["profile_input_ms_avg"]
             + metrics["profile_other_ms_avg"]) == pytest.approx(total / 3)
     # Printed: the verdict and the share, then one row per traced step, the averages

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, error_lines, free_ports, only_run_dir, read_tensorboard_steps,
-                     read_tensorboard_tags, run_cli)
+from helpers import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_steps,
+                     read_tensorboard_tags, run_cli, run_two_workers)
 from test_faults import read_until, start_cli
 from test_stream import SIZE, TINY, write_tree
 
@@ -140,24 +140,10 @@ def test_mirrored_on_two_replicas_takes_full_global_batches_with_keras_fit(tmp_p
 
 def test_multi_worker_trains_tf_data_on_two_local_workers(tmp_path):
     root = write_tree(tmp_path / "data", per_class=8)
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    workers = []
-    for index in range(2):
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                               "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, str(REPO / "main.py"),
-             *stream_cli(root, tmp_path / f"runs{index}", "--strategy=multi_worker",
-                         "--epochs=2")],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    try:
-        outputs = [w.communicate(timeout=240) for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-2000:]
+    results = run_two_workers(lambda index: stream_cli(
+        root, tmp_path / f"runs{index}", "--strategy=multi_worker", "--epochs=2"))
+    for code, out, err in results:
+        assert code == 0, err[-2000:]
         assert "x 2 replica(s)" in out
         assert epochs_printed(out) == ["1/2", "2/2"]  # both ran every step: none hung
     run_dir = only_run_dir(tmp_path / "runs0", "stream")

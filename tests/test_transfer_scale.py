@@ -3,15 +3,13 @@ epoch in either phase, never recomputes cached features it had written, and keep
 TensorBoard point per epoch; mirrored and two-worker runs train both phases."""
 import json
 import signal
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, free_ports, only_run_dir, read_tensorboard_steps,
-                     read_tensorboard_tags, run_cli, run_dropin)
+from helpers import (only_run_dir, read_tensorboard_steps, read_tensorboard_tags, run_cli,
+                     run_dropin, run_two_workers)
 from test_faults import read_until, start_cli
 from recipes import transfer
 
@@ -140,24 +138,11 @@ def test_mirrored_run_on_two_replicas_scales_batch_and_learning_rate(tmp_path):
 
 
 def test_multi_worker_trains_both_phases_on_two_local_workers(tmp_path):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    workers = []
-    for index in range(2):
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                               "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, str(REPO / "main.py"), *TINY, "--strategy=multi_worker",
-             "--cache_features", "--epochs=1", "--fine_tune_epochs=1", "--steps_per_epoch=2",
-             f"--logdir={tmp_path / f'runs{index}'}"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    try:
-        outputs = [w.communicate(timeout=240) for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-3000:]
+    results = run_two_workers(lambda index: [
+        *TINY, "--strategy=multi_worker", "--cache_features", "--epochs=1",
+        "--fine_tune_epochs=1", "--steps_per_epoch=2", f"--logdir={tmp_path / f'runs{index}'}"])
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
         assert "x 2 replica(s)" in out
     run_dir = only_run_dir(tmp_path / "runs0", "transfer")
     metrics = json.loads((run_dir / "metrics.json").read_text())
