@@ -177,7 +177,8 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
     check_finite(logs["loss"], batch_size, learning_rate)
     write_atomically(os.path.join(log_dir, "model.keras"), model.save)
     steps = config.steps_per_epoch or len(x_train) // global_batch
-    log_per_epoch(log_dir, "batch/epoch_examples_per_sec", [  # Custom Scalars: a line per batch size
+    # Custom Scalars: examples/s per epoch, a line per batch size
+    log_per_epoch(log_dir, "batch/epoch_examples_per_sec", [
         global_batch / float(np.median(timer.seconds[i:i + steps]))
         for i in range(0, len(timer.seconds), steps)])
     return {**throughput(timer.seconds, global_batch, config.warmup_steps),
@@ -493,7 +494,7 @@ def log_hparams_trials(log_dir, recipe, trials):
     run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
     for name, (hparams, metrics) in trials.items():
         write_events(os.path.join(log_dir, name), [
-            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {name} ({run})")),
             *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
 
 

@@ -763,7 +763,7 @@ def log_hparams_trials(log_dir, recipe, trials):
     run = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
     for name, (hparams, metrics) in trials.items():
         write_events(os.path.join(log_dir, name), [
-            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {run} {name}")),
+            (0, hparams_pb({"recipe": recipe, **hparams}, trial_id=f"{recipe} {name} ({run})")),
             *[(0, scalar_pb(f"{recipe}/{key}", value)) for key, value in metrics.items()]])
 
 
