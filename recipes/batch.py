@@ -195,12 +195,9 @@ def pick_best(results, tolerance):
 
 def log_sweep(log_dir, results):
     """One TensorBoard run whose x axis is the batch size."""
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for batch_size, r in results.items():
-            for key in ("examples_per_sec", "val_accuracy", "val_loss", "step_time_ms_p50"):
-                tf.summary.scalar(f"sweep/{key}", r[key], step=batch_size)
-    writer.close()
+    write_events(log_dir, [
+        (batch_size, scalar_pb(f"sweep/{key}", r[key])) for batch_size, r in results.items()
+        for key in ("examples_per_sec", "val_accuracy", "val_loss", "step_time_ms_p50")])
 
 
 def log_tensorboard(run_dir, results, table):

@@ -423,20 +423,16 @@ class PruningLog(keras.callbacks.Callback):
         self.log_dir, self.layer_names = log_dir, layer_names
 
     def on_epoch_end(self, epoch, logs=None):
-        tf = _tensorflow()
-        if tf is None:
-            return
         step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
-        writer = tf.summary.create_file_writer(self.log_dir)
-        with writer.as_default():
-            for layer in all_layers(self.model):
-                if layer.name in self.layer_names:
-                    values = np.abs(ops.convert_to_numpy(kernel_of(layer)))
-                    tf.summary.scalar(f"{layer.name}/sparsity", float(np.mean(values == 0)), step)
-                    kept = values[values > 0]
-                    tf.summary.scalar(f"{layer.name}/threshold",
-                                      float(kept.min()) if kept.size else 0.0, step)
-        writer.close()
+        points = []
+        for layer in all_layers(self.model):
+            if layer.name in self.layer_names:
+                values = np.abs(ops.convert_to_numpy(kernel_of(layer)))
+                kept = values[values > 0]
+                points += [(step, scalar_pb(f"{layer.name}/sparsity", np.mean(values == 0))),
+                           (step, scalar_pb(f"{layer.name}/threshold",
+                                            kept.min() if kept.size else 0.0))]
+        write_events(self.log_dir, points)
 
 
 # --- the tfmot engine: tf_keras models, imported only when it runs -----------------------
@@ -528,7 +524,7 @@ def tfmot_cluster(model, layer_names, clusters):
 
 def tfmot_log_final_sparsity(log_dir, pruned_model, step):
     """What PruningSummaries misses: it writes at epoch starts, never after the last step."""
-    tf = _tensorflow()
+    tf = _tensorflow()  # tf.summary: its tags must match PruningSummaries' (same name rules)
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default():
         for layer in pruned_model.layers:
@@ -863,30 +859,13 @@ def baseline_model(config, data, model, replicas=1):
     return copy, loss, config.baseline_epochs or 0, "your model"
 
 
-def log_summary(log_dir, scalars):
-    tf = _tensorflow()
-    if tf is None:
-        return
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for key, value in scalars.items():
-            tf.summary.scalar(key, value, step=0)
-    writer.close()
-
-
 def log_sweep(log_dir, rows):
     """One TensorBoard run whose x axis is the target sparsity in percent."""
-    tf = _tensorflow()
-    if tf is None:
-        return
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for target, row in rows.items():
-            step = round(100 * target)
-            tf.summary.scalar("sweep/pruned_accuracy", row["accuracy"], step=step)
-            tf.summary.scalar("sweep/gzip_bytes", row["gzip_bytes"], step=step)
-            tf.summary.scalar("sweep/sparsity_measured", row["sparsity_measured"], step=step)
-    writer.close()
+    write_events(log_dir, [
+        (round(100 * target), scalar_pb(f"sweep/{tag}", row[key]))
+        for target, row in rows.items()
+        for tag, key in (("pruned_accuracy", "accuracy"), ("gzip_bytes", "gzip_bytes"),
+                         ("sparsity_measured", "sparsity_measured"))])
 
 
 def log_tensorboard(run_dir, engine, baseline_accuracy, baseline_gzip, rows, table):
@@ -996,10 +975,10 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
                                                      / metrics["tflite_quant_gzip_bytes"])
     if config.engine == "keras":
         metrics.update(keras_int8(stripped, run_dir, x_val, y_val))
-    log_summary(os.path.join(run_dir, "summary"), {
-        f"summary/{key}": metrics[key] for key in (
+    write_events(os.path.join(run_dir, "summary"), [
+        (0, scalar_pb(f"summary/{key}", metrics[key])) for key in (
             "baseline_accuracy", "pruned_accuracy", "sparsity_measured", "baseline_gzip_bytes",
-            "pruned_gzip_bytes", "tflite_quant_gzip_bytes") if key in metrics})
+            "pruned_gzip_bytes", "tflite_quant_gzip_bytes") if key in metrics])
     table = format_table(metrics, result["per_layer"],
                          {name: target for name in result["per_layer"]}, suffix)
     print("\n" + table)
