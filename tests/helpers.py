@@ -218,3 +218,8 @@ def run_two_workers(args_for, timeout=240):
         for w in workers:
             w.kill()
     return [(w.returncode, out, err) for w, (out, err) in zip(workers, outputs)]
+
+
+def epochs_printed(stdout):
+    """The N/M of each of Keras' own `Epoch N/M` progress lines, in order."""
+    return [line.split()[1] for line in stdout.splitlines() if line.startswith("Epoch ")]

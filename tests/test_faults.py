@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
-                     run_two_workers)
+from helpers import (ENV, REPO, epochs_printed, error_lines, only_run_dir,
+                     read_tensorboard_tags, run_cli, run_two_workers)
 
 import main
 from recipes import batch
@@ -52,8 +52,7 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
     second = run_cli(*LONG_RUN, f"--logdir={logdir}", "--resume")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "after epoch 2" in second.stdout
-    epochs_run = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("Epoch ")]
-    assert epochs_run == ["3/5", "4/5", "5/5"]
+    assert epochs_printed(second.stdout) == ["3/5", "4/5", "5/5"]
     assert only_run_dir(logdir, "batch") == run_dir  # the same folder, continued
     assert json.loads((run_dir / "metrics.json").read_text())["best_batch_size"] == 4
     tags = read_tensorboard_tags(run_dir / "batch_4" / "train")

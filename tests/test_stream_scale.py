@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_steps,
-                     read_tensorboard_tags, run_cli, run_two_workers)
+from helpers import (ENV, REPO, epochs_printed, error_lines, only_run_dir,
+                     read_tensorboard_steps, read_tensorboard_tags, run_cli, run_two_workers)
 from test_faults import read_until, start_cli
 from test_stream import SIZE, TINY, write_tree
 
@@ -23,10 +23,6 @@ def stream_cli(root, logdir, *args):
     return ["--recipe=stream", "--dataset=directory", f"--data_dir={root}", "--batch_size=2",
             f"--image_size={SIZE}", "--input_batches=3", "--warmup_steps=1", f"--logdir={logdir}",
             *args]
-
-
-def epochs_printed(stdout):
-    return [line.split()[1] for line in stdout.splitlines() if line.startswith("Epoch ")]
 
 
 def test_killed_compare_run_resumes_tf_data_and_keeps_the_finished_generator(tmp_path):

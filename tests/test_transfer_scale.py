@@ -8,17 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import (only_run_dir, read_tensorboard_steps, read_tensorboard_tags, run_cli,
-                     run_dropin, run_two_workers)
+from helpers import (epochs_printed, only_run_dir, read_tensorboard_steps,
+                     read_tensorboard_tags, run_cli, run_dropin, run_two_workers)
 from test_faults import read_until, start_cli
 from recipes import transfer
 
 TINY = ["--recipe=transfer", "--weights=none", "--image_size=32", "--batch_size=8",
         "--dense_units=16", "--steps_per_epoch=4"]
-
-
-def epochs_printed(stdout):
-    return [line.split()[1] for line in stdout.splitlines() if line.startswith("Epoch ")]
 
 
 # (where the kill lands, the flags, the epoch the resumed run continues after)
