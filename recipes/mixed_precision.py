@@ -398,9 +398,7 @@ class Trainee:
             "gpu_peak_mb": self.gpu_peak_mb}))
 
     def fit_epoch(self, epoch, x, y, validation, batch_size):
-        """Trains epoch `epoch` (from 0) unless a killed run had finished it already."""
-        if epoch < self.epochs_done:
-            return
+        """Trains epoch `epoch` (from 0); run() skips those a killed run had finished."""
         reset_gpu_peak()
         with global_policy(self.policy), distribution_scope(self.strategy):
             history = self.fit(self.model, x, y, batch_size=batch_size, epochs=epoch + 1,
