@@ -11,7 +11,8 @@ to recipes that list the name in their STRATEGIES (their run() takes
     mirrored       TensorFlow: all local GPUs, gradients all-reduced each step
     multi_worker   TensorFlow: every worker listed in the standard TF_CONFIG
                    environment variable (BUILD.md shows how to launch it);
-                   trained by fit_by_strategy_run, since Keras 3's fit fails there
+                   trained by experiments.scale_out.fit_by_strategy_run, since
+                   Keras 3's fit fails there
     data_parallel  JAX: keras.distribution.DataParallel over all local devices
     tpu            TensorFlow: a TPU found by TPUClusterResolver
 """
@@ -50,7 +51,10 @@ def for_command(command):
                          "would need the chief's checkpoint, and only the chief keeps a run "
                          "folder; run it again without --resume")
     strategy = make(name, backend)
-    return strategy, (fit_by_strategy_run if name == "multi_worker" else None)
+    if name != "multi_worker":
+        return strategy, None
+    from experiments.scale_out import fit_by_strategy_run
+    return strategy, fit_by_strategy_run
 
 
 def make(name, backend):
@@ -114,81 +118,3 @@ def is_chief():
         return True
     has_chief = "chief" in config.get("cluster", {})
     return not task or (task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief)
-
-
-def fit_by_strategy_run(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
-                        callbacks=None, validation_data=None, shuffle=True, initial_epoch=0,
-                        steps_per_epoch=None):
-    """keras.Model.fit for MultiWorkerMirroredStrategy, with the same arguments and result.
-
-    Keras 3's fit fails under MultiWorkerMirroredStrategy ("Attempt to convert a
-    value (PerReplica...)", keras-team/keras#20585, reproduced here), while the
-    model's own train_step and test_step run fine under strategy.run. So this
-    is fit's epoch loop around them: the model's compiled loss, metrics and
-    optimizer (loss scaling included), the callbacks (TensorBoard, checkpoints,
-    progress lines, stop_training) as fit calls them. The model must have been
-    built and compiled under the strategy's scope.
-    """
-    import keras
-    import tensorflow as tf
-
-    strategy = model.distribute_strategy
-
-    def dataset(x, y):
-        if isinstance(x, tf.data.Dataset):
-            return x
-        ds = tf.data.Dataset.from_tensor_slices((x, y))
-        if shuffle:
-            ds = ds.shuffle(len(x), reshuffle_each_iteration=True)
-        return ds.batch(batch_size or 32)  # the last batch short, as in fit
-
-    train = strategy.experimental_distribute_dataset(dataset(x, y))
-    val = None
-    if validation_data is not None:
-        val_ds = (validation_data if isinstance(validation_data, tf.data.Dataset)
-                  else dataset(*validation_data[:2]))
-        val = strategy.experimental_distribute_dataset(val_ds)
-    train_step = tf.function(lambda data: strategy.run(model.train_step, args=(data,)))
-    test_step = tf.function(lambda data: strategy.run(model.test_step, args=(data,)))
-
-    def results():
-        return {k: float(v) for k, v in model.get_metrics_result().items()}
-
-    callback_list = keras.callbacks.CallbackList(
-        callbacks, add_history=True, add_progbar=verbose != 0, model=model,
-        verbose=2 if verbose == "auto" else verbose, epochs=epochs, steps=steps_per_epoch)
-    model.stop_training = False
-    callback_list.on_train_begin()
-    logs = {}
-    # A dataset given with steps_per_epoch is taken as repeated: its epochs run on from one
-    # iterator, as in fit. Arrays become a finite dataset, read from the start each epoch.
-    continuing = steps_per_epoch is not None and isinstance(x, tf.data.Dataset)
-    iterator = iter(train)
-    for epoch in range(initial_epoch, epochs):
-        model.reset_metrics()
-        callback_list.on_epoch_begin(epoch)
-        if not continuing and epoch > initial_epoch:
-            iterator = iter(train)
-        step = 0
-        while steps_per_epoch is None or step < steps_per_epoch:
-            data = next(iterator, None)
-            if data is None:
-                break
-            callback_list.on_train_batch_begin(step)
-            outputs = train_step(data)
-            callback_list.on_train_batch_end(
-                step, {k: strategy.experimental_local_results(v)[0] for k, v in outputs.items()})
-            step += 1
-            if model.stop_training:
-                break
-        logs = results()
-        if val is not None:
-            model.reset_metrics()
-            for data in val:
-                test_step(data)
-            logs.update({f"val_{k}": v for k, v in results().items()})
-        callback_list.on_epoch_end(epoch, logs)
-        if model.stop_training:
-            break
-    callback_list.on_train_end(logs)
-    return model.history

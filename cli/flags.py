@@ -15,7 +15,7 @@ import typing
 from absl import flags
 
 from cli import UsageError
-from recipes import RECIPES
+from experiments import RECIPES
 
 HELP_ARGS = {"--help", "-h", "-?", "--helpfull", "--helpshort"}
 # Shared flags: name -> (default, help). None means "the recipe's own default".

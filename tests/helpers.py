@@ -76,6 +76,28 @@ def run_dropin(recipe_file, script, tmp_path, timeout=300, env=None, without_ten
                           text=True, timeout=timeout, env=run_env)
 
 
+def copy_example(recipe_file):
+    """The code of a drop-in file's `Copy:` section (its docstring lines indented 12
+    spaces after `Copy:`), dedented: what a user pastes, and what its drop-in test runs."""
+    import ast
+    doc = ast.get_docstring(ast.parse((REPO / "recipes" / recipe_file).read_text()), clean=False)
+    lines = doc[doc.index("Copy:"):].splitlines()[1:]
+    code = [line[12:] for line in lines if line.startswith(" " * 12)]
+    assert code, f"recipes/{recipe_file}: no code in its Copy: section"
+    return "\n".join(code) + "\n"
+
+
+def run_copy_example(recipe_file, tmp_path, setup, check="", backend="jax", **kwargs):
+    """Runs the file's Copy: code alone in an empty folder (run_dropin): `setup` makes
+    what the code names (model, x, y, ...), `check` asserts on what it left. On JAX,
+    TensorFlow is blocked unless kwargs say otherwise."""
+    kwargs.setdefault("without_tensorflow", backend == "jax")
+    module = pathlib.Path(recipe_file).stem
+    script = f"from {module} import *\n{setup}\n{copy_example(recipe_file)}\n{check}\n"
+    return run_dropin(recipe_file, script, tmp_path,
+                      env={**ENV, "KERAS_BACKEND": backend, **kwargs.pop("env", {})}, **kwargs)
+
+
 def read_tensorboard_tags(event_dir):
     """{tag: [values]} of scalar-like summaries in one TensorBoard run folder.
 

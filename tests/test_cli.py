@@ -12,7 +12,7 @@ from helpers import (ENV, REPO, error_lines, only_run_dir, read_tensorboard_tags
 
 import main
 from cli import runs
-from recipes import RECIPES
+from experiments import RECIPES
 from test_bad_input import CASES as BAD_INPUT, make_folders
 
 TINY_BATCH = ["--recipe=batch", "--batch_sizes=8,16", "--epochs=2", "--steps_per_epoch=3"]
