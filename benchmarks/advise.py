@@ -31,7 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 import datasets  # noqa: E402
-from recipes import advise, mixed_precision  # noqa: E402
+from experiments import advise
+from recipes import mixed_precision  # noqa: E402
 
 TARGETS = {"default CNN": 1.5, "user-style": 1.2}
 PREDICTION_WITHIN = 0.30

@@ -69,6 +69,6 @@ RECIPES = {
                "the same job on CPU and each GPU, with time, cost and a verdict"),
     "profile": ("recipes.tf_profile",
                 "profiler trace, CPU/GPU utilization and memory, input-bound verdict"),
-    "advise": ("recipes.advise",
+    "advise": ("experiments.advise",
                "measured advice for your model: ranked speedups, applied together as proof"),
 }

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from helpers import ENV, REPO, only_run_dir, read_tensorboard_tags, run_cli
-from recipes import advise
+from experiments import advise
 
 QUICK = dict(budget_s=15.0, repeats=2)
 
@@ -74,7 +74,7 @@ def test_a_slow_input_pipeline_puts_the_pipeline_change_at_the_top(tmp_path):
 
 SLOWER_16_BIT = """
 import json, sys, numpy as np, keras
-from recipes import advise
+from experiments import advise
 rng = np.random.default_rng(0)
 x, y = rng.random((2048, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 2048)
 mlp = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),

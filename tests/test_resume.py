@@ -80,7 +80,9 @@ DATA_PARALLEL = """
 import json, sys
 import keras
 import numpy as np
-from recipes import batch, mixed_precision, prune
+from recipes import batch  # noqa: E402
+from recipes import mixed_precision  # noqa: E402
+from recipes import prune  # noqa: E402
 
 seen = []
 fit = keras.Model.fit

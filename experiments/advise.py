@@ -59,10 +59,12 @@ import warnings
 import keras
 import numpy as np
 
-from recipes import mixed_precision, prune
-from recipes.mixed_precision import (StepTimer, classifier_loss, fresh_model,
-                                     log_hparams_trials, log_text_summary, scalar_pb, steady,
-                                     throughput, write_atomically, write_events)
+from experiments.files import write_atomically
+from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
+from experiments.user_model import classifier_loss, fresh_model
+from recipes import mixed_precision
+from recipes import prune
+from recipes.step_timer import StepTimer, steady, throughput
 
 # What main.py feeds this recipe: mixed_precision's default data as arrays, or a folder
 # (--data_dir) as a class-folder tree it reads through tf.data itself.
