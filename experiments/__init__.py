@@ -67,7 +67,7 @@ RECIPES = {
               "magnitude pruning (Keras 3 or tfmot) that really shrinks the saved model"),
     "device": ("recipes.device",
                "the same job on CPU and each GPU, with time, cost and a verdict"),
-    "profile": ("recipes.tf_profile",
+    "profile": ("experiments.tf_profile",
                 "profiler trace, CPU/GPU utilization and memory, input-bound verdict"),
     "advise": ("experiments.advise",
                "measured advice for your model: ranked speedups, applied together as proof"),

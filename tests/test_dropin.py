@@ -23,7 +23,6 @@ NOT_YET_MIGRATED = {
     "prune",
     "stream",
     "transfer",
-    "tf_profile",
 }
 DROPIN = [p for p in FILES if p.stem not in NOT_YET_MIGRATED]
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from helpers import (assert_median_throughput, error_lines, only_run_dir, read_tensorboard_tags,
-                     run_cli, run_dropin, tensorboard_server)
+                     run_cli, run_copy_example, tensorboard_server)
 
-from recipes import tf_profile as profile  # noqa: E402  (helpers puts the repo on sys.path)
+from experiments import tf_profile as profile  # noqa: E402  (helpers puts the repo on sys.path)
+from recipes import tf_profile  # noqa: E402
 
 # 60 training images at batch 8: 7 steps an epoch, 14 in two epochs. The verdict's
 # threshold is set well apart from both the fast and the deliberately slow pipeline.
@@ -145,14 +146,15 @@ def test_verdict_flips_when_the_input_pipeline_is_slow(profiled, tmp_path):
 
 
 def test_verdict_arithmetic_and_advice_on_fixed_timings():
-    percent, bound, advice = profile.input_bound_verdict(
+    percent, bound, advice = tf_profile.input_bound_verdict(
         [0.03] * 10, [0.01] * 10, 20, prefetch=False, parallel_calls=1, slow_map=True)
     assert percent == pytest.approx(75) and bound
     text = "\n".join(advice)
     assert "prefetch" in text and "num_parallel_calls" in text and "cache" in text
-    _, _, advice = profile.input_bound_verdict([0.03], [0.01], 20, prefetch=True, slow_map=False)
+    _, _, advice = tf_profile.input_bound_verdict([0.03], [0.01], 20, prefetch=True,
+                                                  slow_map=False)
     assert "prefetch(" not in "\n".join(advice) and "num_parallel_calls" not in "\n".join(advice)
-    percent, bound, advice = profile.input_bound_verdict([0.001] * 4, [0.009] * 4, 20)
+    percent, bound, advice = tf_profile.input_bound_verdict([0.001] * 4, [0.009] * 4, 20)
     assert percent == pytest.approx(10) and not bound and advice[0].startswith("compute-bound")
 
 
@@ -191,21 +193,41 @@ def test_cli_run_prints_verdict_and_writes_metrics(tmp_path):
     assert_median_throughput(metrics, "examples_per_sec", "step_time_ms_p50", 8)
 
 
-def test_recipe_file_works_dropped_in_alone(tmp_path):
-    script = (
-        "import pathlib, numpy as np, tf_profile as profile\n"
-        "rng = np.random.default_rng(0)\n"
-        "x = rng.random((40, 12, 12, 1), dtype=np.float32); y = rng.integers(0, 3, 40)\n"
-        "m = profile.run(profile.Config(epochs=1, batch_size=8, profile_steps=(1, 2),\n"
-        "                               sample_seconds=0.05), 'logs', ((x, y), (x[:16], y[:16])))\n"
-        "assert list(pathlib.Path('logs').glob('plugins/profile/*/*.xplane.pb'))\n"
-        "print('WAIT', m['input_wait_percent'], m['monitor_samples'])\n"
-        "print('TOP', m['top_op_name'], repr(m['profile_tables_error']))\n")
-    result = run_dropin("tf_profile.py", script, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "WAIT" in result.stdout
-    assert "Top 10 operations by self time" in result.stdout  # the converters work there too
-    assert re.search(r"^TOP \S+ ''$", result.stdout, re.M), result.stdout[-2000:]
+COPY_SETUP = """
+import json, pathlib
+import keras, numpy as np
+assert keras.backend.backend() == "tensorflow"
+keras.utils.set_random_seed(0)
+x = np.random.default_rng(0).random((640, 12, 12, 1), dtype=np.float32)
+y = (x.mean(axis=(1, 2, 3)) > 0.5).astype("int32")
+model = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                          keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+model.compile("adam", "sparse_categorical_crossentropy")  # a loss by name, as keras.io writes
+"""
+COPY_CHECK = """
+traces = list(pathlib.Path("logs").glob("plugins/profile/*/*.xplane.pb"))
+assert len(traces) == 1 and traces[0].stat().st_size > 0, traces  # written: the profiler stopped
+from xprof.convert import raw_to_tool_data  # the Profile tab's own reading of the trace
+data, _ = raw_to_tool_data.xspace_to_tool_data([str(traces[0])], "input_pipeline_analyzer", {})
+table = next(t for t in json.loads(data) if t["cols"] and t["cols"][0]["id"] == "stepnum")
+print("TRACED", [row["c"][0]["v"] for row in table["rows"]])
+assert len(wait_s) == len(step_s) == len(losses) == 50
+share = 100 * sum(wait_s[5:]) / (sum(wait_s[5:]) + sum(step_s[5:]))
+assert abs(percent - share) < 1e-9 and bound == (percent > 20), (percent, share, bound)
+assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses  # the timed steps trained the model
+print("OK")
+"""
+
+
+def test_copy_example_traces_fits_chosen_steps_and_splits_each_step_alone(tmp_path):
+    result = run_copy_example("tf_profile.py", tmp_path, COPY_SETUP, COPY_CHECK,
+                              backend="tensorflow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # fit's steps 10 to 15, each a step marker the input-pipeline analysis reads
+    assert "TRACED ['train 10', 'train 11', 'train 12', 'train 13', 'train 14', 'train 15']" \
+        in result.stdout, result.stdout[-2000:]
+    assert "OK" in result.stdout
+    assert re.search(r"^(input|compute)-bound: ", result.stdout, re.M)  # the advice, printed
 
 
 def test_offline_top_ops_match_the_profile_plugins_own_op_stats(profiled):
