@@ -43,7 +43,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from datasets import idx  # noqa: E402  (checks magic, shape and count; no TensorFlow)
-from recipes import device  # noqa: E402
+from experiments import device  # noqa: E402  (Config, train_job, the FLOP floor)
+from recipes import device as dropin  # noqa: E402  (the job's model and initial weights)
 
 WHOLE_TARGET, JOB_TARGET, ACCURACY_TARGET = 3.0, 1.6, 0.82
 WHOLE = "python main.py --recipe=device (whole process)"
@@ -111,8 +112,8 @@ def main():
     backend = keras.backend.backend()
     data = load_fashion_mnist(args.data_dir)
     (x_train, _), _ = data
-    weights = device.initial_weights(784, 500, 10, seed=0)
-    flops = (device.train_flops_per_example(device.build_model((28, 28, 1), 500, 10))
+    weights = dropin.initial_weights(784, 500, 10, seed=0)
+    flops = (device.train_flops_per_example(dropin.build_model((28, 28, 1), 500, 10))
              * len(x_train) * args.epochs)
     rows = variants(backend)
     runs = {name: [] for name, _ in rows + [(WHOLE, None)]}

@@ -65,7 +65,7 @@ RECIPES = {
                  "VGG16 transfer learning: frozen base, cached features, fine-tuning"),
     "prune": ("recipes.prune",
               "magnitude pruning (Keras 3 or tfmot) that really shrinks the saved model"),
-    "device": ("recipes.device",
+    "device": ("experiments.device",
                "the same job on CPU and each GPU, with time, cost and a verdict"),
     "profile": ("experiments.tf_profile",
                 "profiler trace, CPU/GPU utilization and memory, input-bound verdict"),

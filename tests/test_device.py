@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from helpers import (ENV, REPO, assert_median_throughput, error_lines, only_run_dir,
-                     read_tensorboard_tags, run_cli, run_dropin, write_idx_set)
-from recipes import device
+                     read_tensorboard_tags, run_cli, run_copy_example, write_idx_set)
+from experiments import device
+from recipes import device as dropin
 
 # The well-known comparison the recipe's reference job comes from.
 CPU_S, GPU_S = 70.5, 62.6
@@ -55,7 +56,7 @@ def writer_pids(event_dir):
 
 def test_cost_verdict_names_cheaper_device_and_break_even_speedup():
     results = {"cpu": {"wall_time_s": CPU_S}, "gpu:0": {"wall_time_s": GPU_S}}
-    lines, metrics = device.compare_costs(results, PRICES)
+    lines, metrics = dropin.compare_costs(results, PRICES)
     assert metrics["cheapest_device"] == "cpu"  # 1.13x faster at 3x the price loses
     assert metrics["break_even_speedup"] == pytest.approx(3.0)
     assert metrics["speedup_gpu0_vs_cpu"] == pytest.approx(CPU_S / GPU_S)
@@ -66,23 +67,23 @@ def test_cost_verdict_names_cheaper_device_and_break_even_speedup():
 
     # Four times as fast at three times the price: now the GPU wins.
     results["gpu:0"]["wall_time_s"] = CPU_S / 4
-    _, metrics = device.compare_costs(results, PRICES)
+    _, metrics = dropin.compare_costs(results, PRICES)
     assert metrics["cheapest_device"] == "gpu:0"
 
 
 def test_per_gpu_price_overrides_the_gpu_price():
-    prices = device.parse_prices("cpu:1,gpu:2,gpu:1:8")
-    assert device.price_of("gpu:0", prices) == 2 and device.price_of("gpu:1", prices) == 8
+    prices = dropin.parse_prices("cpu:1,gpu:2,gpu:1:8")
+    assert dropin.price_of("gpu:0", prices) == 2 and dropin.price_of("gpu:1", prices) == 8
     results = {"cpu": {"wall_time_s": 10.0}, "gpu:0": {"wall_time_s": 4.0},
                "gpu:1": {"wall_time_s": 4.0}}
-    _, metrics = device.compare_costs(results, prices)
+    _, metrics = dropin.compare_costs(results, prices)
     assert metrics["break_even_speedup_gpu0"] == pytest.approx(2)
     assert metrics["break_even_speedup_gpu1"] == pytest.approx(8)
     assert metrics["cheapest_device"] == "gpu:0"
 
 
 def test_without_gpu_the_verdict_states_the_speedup_a_gpu_needs():
-    lines, metrics = device.compare_costs({"cpu": {"wall_time_s": 12.0}}, PRICES)
+    lines, metrics = dropin.compare_costs({"cpu": {"wall_time_s": 12.0}}, PRICES)
     assert metrics["cheapest_device"] == "cpu"
     assert metrics["break_even_speedup"] == pytest.approx(3)
     verdict = " ".join(lines)
@@ -90,7 +91,7 @@ def test_without_gpu_the_verdict_states_the_speedup_a_gpu_needs():
 
 
 def test_job_arithmetic_is_about_2_4_mflop_per_example_and_counts_convolutions():
-    job = device.build_model((28, 28, 1), 500, 10)
+    job = dropin.build_model((28, 28, 1), 500, 10)
     assert device.train_flops_per_example(job) == pytest.approx(2.4e6, rel=0.01)
     import keras
     conv = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, padding="same"),
@@ -151,7 +152,7 @@ def test_with_a_gpu_listed_each_device_runs_in_its_own_subprocess_and_a_failing_
 
 def test_without_a_gpu_the_cpu_job_runs_in_this_process_and_logs_like_a_worker(
         tmp_path, tiny_images, monkeypatch):
-    if device.accelerator_count():
+    if dropin.accelerator_count():
         pytest.skip("the backend sees a GPU here, which the job would run on")
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin", "No devices were found"))
     workers = watch_workers(monkeypatch)
@@ -201,27 +202,44 @@ def test_batch_larger_than_the_data_is_rejected_before_training(tmp_path, tiny_i
                    tiny_images)
 
 
-DROPIN = """
-import numpy as np
-from device import Config, run
+COPY_SETUP = """
+import keras, numpy as np
+assert keras.backend.backend() == "jax"
 rng = np.random.default_rng(0)
-x = rng.random((80, 28, 28, 1), dtype=np.float32)
-y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int64)
-metrics = run(Config(devices="cpu", epochs=1, batch_size=20, hidden_units=8), "logs",
-              ((x[:60], y[:60]), (x[60:], y[60:])))
-median_rate = 20 / (metrics["cpu_step_time_ms_p50"] / 1000)  # batch / median step
-print("RESULT", metrics["cpu_backend"], metrics["devices_failed"],
-      abs(metrics["cpu_examples_per_sec"] / median_rate - 1) < 0.03, metrics["cheapest_device"])
+x = rng.random((600, 8, 8, 1), dtype=np.float32)
+y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int64")
+x, x_val, y, y_val = x[:480], x[480:], y[:480], y[480:]
+model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                          keras.layers.Dense(32, activation="relu"),
+                          keras.layers.Dense(2, activation="softmax")])
+model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+start = model.get_weights()
+"""
+COPY_CHECK = """
+assert list(results) == ["cpu"], list(results)  # JAX_PLATFORMS=cpu: no GPU to time
+r = results["cpu"]
+assert [steps for _, steps in r["calls"]] == [5, 5], r["calls"]  # an epoch per compiled call
+assert 0 < r["first_call_s"] <= r["wall_time_s"], r
+assert r["history"]["loss"][1] < r["history"]["loss"][0], r["history"]  # the copy trained
+assert all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))  # yours did not
+assert verdict["cheapest_device"] == "cpu", verdict
+assert abs(verdict["break_even_speedup"] - 3) < 1e-9, verdict
+assert abs(verdict["cpu_cost_usd"] - r["wall_time_s"] / 3600 * 0.40) < 1e-12, verdict
+assert "more than 3.00x as fast" in lines[-1], lines
+# The same start: with learning rate 0 the job's copy is your model, weight for weight.
+still = job_on_device(model, "cpu", x, y, x_val, y_val, epochs=1, learning_rate=0.0)
+assert abs(still["val_loss"] - model.evaluate(x_val, y_val, verbose=0)[0]) < 1e-5, still
+print("OK", len(lines))
 """
 
 
-def test_recipe_file_runs_alone_on_jax_without_tensorflow(tmp_path):
-    proc = run_dropin("device.py", DROPIN, tmp_path,
-                      env={**ENV, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
-                      without_tensorflow=True)  # on PYTHONPATH: the per-device subprocess too
+def test_copy_example_times_a_copy_of_your_model_and_prices_it_on_jax_without_tensorflow(
+        tmp_path):
+    proc = run_copy_example("device.py", tmp_path, COPY_SETUP, COPY_CHECK,
+                            env={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RESULT jax 0 True cpu" in proc.stdout, proc.stdout[-2000:]
-    assert (tmp_path / "dropin" / "logs" / "cpu.log").exists()
+    assert "OK 2" in proc.stdout, proc.stdout[-2000:]
+    assert "No GPU ran this job" in proc.stdout  # the verdict the example printed
 
 
 def test_nan_loss_in_the_worker_ends_the_run_with_the_workers_own_message(tmp_path):
@@ -240,7 +258,7 @@ def test_nan_loss_in_the_worker_ends_the_run_with_the_workers_own_message(tmp_pa
 
 @pytest.mark.parametrize("pipeline", ["arrays", "keras_arrays", "tf_data"])
 def test_steps_per_execution_zero_runs_a_whole_epoch_per_compiled_call(pipeline, tiny_images):
-    weights = device.initial_weights(28 * 28, 16, 10, seed=0)
+    weights = dropin.initial_weights(28 * 28, 16, 10, seed=0)
     r = device.train_job(tiny(pipeline=pipeline, epochs=2), tiny_images, weights)
     assert r["steps_per_execution"] == 3 and r["xla"]  # 60 examples / batch 20
     assert_median_throughput(r, "examples_per_sec", "step_time_ms_p50", 20)
