@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from datasets import idx  # noqa: E402  (checks magic, shape and count; no TensorFlow)
+from experiments.mixed_precision import build_model  # noqa: E402  (the recipe's conv net)
 from recipes import mixed_precision as mp  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -149,7 +150,7 @@ def main():
 
     images, labels = load_fashion(args.data_dir, args.examples)
     data = {"conv": (upsample_rgb(images, 64), labels), "mlp": (images[..., None], labels)}
-    builders = {"conv": mp.build_model, "mlp": build_mlp}
+    builders = {"conv": build_model, "mlp": build_mlp}
     devices = mp.accelerators()
     where = "GPU" if any(k == "gpu" for k, _ in devices) else "CPU"
     print(f"backend: {keras.backend.backend()}  device: {where}  flags: "

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from datasets import shapes  # noqa: E402
-from recipes import mixed_precision as mp  # noqa: E402
+from experiments import mixed_precision as mp  # noqa: E402
 
 
 def main():

@@ -59,7 +59,7 @@ RECIPES = {
               "batch size vs throughput and accuracy: the same model swept over batch sizes"),
     "stream": ("recipes.stream",
                "image folders larger than memory: ImageDataGenerator vs tf.data, measured"),
-    "mixed_precision": ("recipes.mixed_precision",
+    "mixed_precision": ("experiments.mixed_precision",
                         "mixed_float16 / mixed_bfloat16 policy, done safely, vs float32"),
     "transfer": ("recipes.transfer",
                  "VGG16 transfer learning: frozen base, cached features, fine-tuning"),

@@ -61,6 +61,7 @@ import numpy as np
 
 from experiments.files import write_atomically
 from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
+from experiments.mixed_precision import batch_fetch_ms, build_model, has_tensorflow, peak_rss_mb
 from experiments.user_model import classifier_loss, fresh_model
 from recipes import mixed_precision
 from recipes import prune
@@ -302,7 +303,7 @@ class Data:
     def input_seconds_per_example(self, pipeline, batch_size, batches=20):
         """The pipeline alone: seconds per example to produce batches (no training)."""
         if pipeline == "yours" and not self.folder:
-            ms = mixed_precision.batch_fetch_ms(self.x, batch_size, self.seed, batches)
+            ms = batch_fetch_ms(self.x, batch_size, self.seed, batches)
             return ms / 1000 / batch_size
         ds = self.tuned_dataset(batch_size) if pipeline == "tuned" else self.user_dataset(
             batch_size)
@@ -584,7 +585,7 @@ class Probes:
                 self.compute.pop(setting, None)
                 stop = f"out of memory at batch {size} ({type(error).__name__})"
                 break
-            rss.append(mixed_precision.peak_rss_mb())
+            rss.append(peak_rss_mb())
             if budget is not None and rss[-1] > budget:
                 stop = f"batch {size} took peak RSS to {rss[-1]:,.0f} MB, over the budget"
                 break
@@ -755,7 +756,7 @@ def log_tensorboard(log_dir, probes, findings, combined, table):
 def reference_model(model, data_shape, num_classes, config):
     if model is None:
         keras.utils.set_random_seed(config.seed)
-        return mixed_precision.build_model(data_shape, num_classes)
+        return build_model(data_shape, num_classes)
     if isinstance(model, keras.Model):
         return model
     return model(data_shape, num_classes)
@@ -764,7 +765,7 @@ def reference_model(model, data_shape, num_classes, config):
 def check(config, data, model=None):
     """ValueError (one line) for data or a model advise cannot time."""
     if isinstance(data[0], (str, os.PathLike)):
-        if not mixed_precision.has_tensorflow():
+        if not has_tensorflow():
             raise ValueError("advise reads folders through tf.data: install tensorflow, or "
                              "pass arrays (--dataset=npz)")
         from recipes import stream

@@ -1,4 +1,4 @@
-"""mixed_precision recipe: policy choice, float32 output, loss scaling, NaN guard, restore."""
+"""mixed_precision: policy choice, float32 output, loss scaling, NaN guard, restore."""
 import subprocess
 import sys
 
@@ -6,10 +6,11 @@ import keras
 import numpy as np
 import pytest
 
+from experiments import mixed_precision as mp
 from helpers import (ENV, REPO, assert_median_throughput, block_tensorflow, error_lines,
-                     load_benchmark, only_run_dir, read_tensorboard_tags, run_cli, run_dropin,
-                     write_idx_set)
-from recipes import mixed_precision as mp
+                     load_benchmark, only_run_dir, read_tensorboard_tags, run_cli,
+                     run_copy_example, write_idx_set)
+from recipes import mixed_precision as recipe
 
 TINY = dict(epochs=1, batch_size=16, steps_per_epoch=2, filters=(8, 16), dense_units=16,
             warmup_steps=1)
@@ -57,7 +58,7 @@ def test_compare_where_float32_is_kept_measures_the_fastest_16_bit_policy(
     metrics = mp.run(mp.Config(policy="float32", compare=True, **TINY), str(tmp_path),
                      tiny_images)
     assert metrics["recommended_policy"] == "float32"
-    assert metrics["policy"] == mp.fastest_16bit_policy() == "mixed_bfloat16"  # no GPU here
+    assert metrics["policy"] == recipe.fastest_16bit_policy() == "mixed_bfloat16"  # no GPU here
     assert metrics["speedup"] == pytest.approx(
         metrics["examples_per_sec"] / metrics["float32_examples_per_sec"])
     verdict = "agrees" if metrics["speedup"] < 1.05 else "disagrees"
@@ -76,11 +77,11 @@ def test_compare_verdict_says_when_the_measurement_contradicts_the_rule():
 
 def test_model_with_16_bit_output_is_rejected(tiny_images, keep_global_policy):
     (x, _), _ = tiny_images
-    with mp.global_policy("mixed_bfloat16"):
+    with recipe.global_policy("mixed_bfloat16"):
         model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Flatten(),
                                   keras.layers.Dense(10, activation="softmax")])
     with pytest.raises(ValueError, match="float32 layer"):
-        mp.check_output_float32(model, x)
+        recipe.check_output_float32(model, x)
 
 
 def test_policy_restored_after_success_and_after_nan_failure(tiny_images, tmp_path,
@@ -104,12 +105,12 @@ def test_clear_session_silently_drops_a_policy_and_the_recipe_catches_it(tiny_im
     assert keras.mixed_precision.global_policy().name == "float32"
     model = mp.build_model(x.shape[1:], 10, filters=(8,), dense_units=8)
     with pytest.raises(RuntimeError, match="clear_session"):
-        mp.check_policy_applied(model, "mixed_bfloat16")
+        recipe.check_policy_applied(model, "mixed_bfloat16")
 
 
 def test_auto_picks_what_this_hardware_supports(keep_global_policy):
-    policy, reason = mp.choose_policy()
-    devices, flags = mp.accelerators(), mp.cpu_flags()
+    policy, reason = recipe.choose_policy()
+    devices, flags = recipe.accelerators(), recipe.cpu_flags()
     gpus = [cc for kind, cc in devices if kind == "gpu"]
     if gpus:
         assert policy == ("mixed_float16" if min(gpus) >= 7.0 else "float32"), reason
@@ -118,20 +119,21 @@ def test_auto_picks_what_this_hardware_supports(keep_global_policy):
     else:
         assert policy == "float32", reason
     # float16 on a CPU is many times slower (Eigen fallback): auto never picks it there.
-    assert mp.choose_policy(devices=(), flags={"avx512_fp16", "avx512_bf16"},
-                            backend="tensorflow")[0] == "mixed_bfloat16"
-    assert mp.choose_policy(devices=(), flags={"avx512_fp16"}, backend="tensorflow")[0] == "float32"
+    assert recipe.choose_policy(devices=(), flags={"avx512_fp16", "avx512_bf16"},
+                                backend="tensorflow")[0] == "mixed_bfloat16"
+    assert recipe.choose_policy(devices=(), flags={"avx512_fp16"},
+                                backend="tensorflow")[0] == "float32"
     # bfloat16 dense layers measured 0.7x float32 on CPU: a dense-heavy model stays float32.
-    with mp.global_policy("float32"):
+    with recipe.global_policy("float32"):
         mlp = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                                 keras.layers.Dense(256), keras.layers.Dense(10)])
-    assert mp.choose_policy(devices=(), flags={"amx_bf16"}, backend="tensorflow",
-                            model=mlp)[0] == "float32"
-    assert mp.choose_policy(devices=(), flags={"amx_bf16"}, backend="tensorflow",
-                            model=mp.build_model((64, 64, 3), 10))[0] == "mixed_bfloat16"
-    assert mp.choose_policy(devices=(("gpu", 8.0),), flags=set())[0] == "mixed_float16"
-    assert mp.choose_policy(devices=(("gpu", 6.1),), flags=set())[0] == "float32"
-    assert mp.choose_policy(devices=(("tpu", None),), flags=set())[0] == "mixed_bfloat16"
+    assert recipe.choose_policy(devices=(), flags={"amx_bf16"}, backend="tensorflow",
+                                model=mlp)[0] == "float32"
+    assert recipe.choose_policy(devices=(), flags={"amx_bf16"}, backend="tensorflow",
+                                model=mp.build_model((64, 64, 3), 10))[0] == "mixed_bfloat16"
+    assert recipe.choose_policy(devices=(("gpu", 8.0),), flags=set())[0] == "mixed_float16"
+    assert recipe.choose_policy(devices=(("gpu", 6.1),), flags=set())[0] == "float32"
+    assert recipe.choose_policy(devices=(("tpu", None),), flags=set())[0] == "mixed_bfloat16"
 
 
 def test_advice_names_odd_widths_tiny_batches_and_slow_input(keep_global_policy):
@@ -162,9 +164,9 @@ def test_cli_bad_width_is_one_line_error(tmp_path):
         "error: --filters and --dense_units must be positive, got (0,) and 128"]
 
 
-DROPIN = """
+EXPERIMENT_ON_JAX = """
 import keras, numpy as np
-import mixed_precision as mp
+from experiments import mixed_precision as mp
 assert keras.backend.backend() == "jax", keras.backend.backend()
 rng = np.random.default_rng(0)
 x = rng.random((48, 16, 16, 3), dtype=np.float32); y = rng.integers(0, 4, 48)
@@ -177,12 +179,70 @@ print("OK", m["policy"], round(m["speedup"], 2))
 """
 
 
-def test_dropin_file_runs_alone_on_the_jax_backend_without_tensorflow(tmp_path):
-    result = run_dropin("mixed_precision.py", DROPIN, tmp_path,
-                        env={**ENV, "KERAS_BACKEND": "jax"}, without_tensorflow=True)
+def test_experiment_runs_on_the_jax_backend_without_tensorflow(tmp_path):
+    block_tensorflow(tmp_path)
+    result = subprocess.run([sys.executable, "-c", EXPERIMENT_ON_JAX], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**ENV, "KERAS_BACKEND": "jax",
+                                 "PYTHONPATH": f"{tmp_path}:{REPO}"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK mixed_bfloat16" in result.stdout
     assert "TensorFlow is not installed" in result.stdout
+
+
+# The drop-in file's Copy: example on a user's own model, JAX, TensorFlow blocked. The
+# hardware choose_policy sees is set (a TPU, an NVIDIA GPU): each 16-bit policy is taken.
+COPY_SETUP = """
+import keras, numpy as np
+import mixed_precision
+assert keras.backend.backend() == "jax", keras.backend.backend()
+mixed_precision.accelerators = lambda: {devices!r}
+rng = np.random.default_rng(0)
+x = rng.random((64, 16, 16, 3), dtype=np.float32); y = rng.integers(0, 4, 64)
+x_val, y_val = x[:16], y[:16]
+model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, activation="relu"),
+                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.1),
+                          keras.layers.Dense(4, activation="softmax")])
+start = [w.copy() for w in model.get_weights()]
+"""
+COPY_CHECK = """
+assert policy == {policy!r}, (policy, why)
+assert [l.dtype_policy.name for l in fast.layers] == [policy] * 3 + ["float32"]
+assert {{w.dtype for w in fast.weights}} == {{"float32"}}  # the weights stay float32
+assert fast.dtype_policy.name == policy  # what compile reads to add loss scaling
+assert (loss_scale(fast) is not None) == (policy == "mixed_float16")
+assert guard.step == 2 * 2 and guard.bad is None  # 64 examples in batches of 32, 2 epochs
+assert any(not np.array_equal(a, b) for a, b in zip(fast.get_weights(), start))  # it trained
+assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), start))  # yours did not
+assert {{l.dtype_policy.name for l in model.layers}} == {{"float32"}}
+assert keras.mixed_precision.global_policy().name == "float32"  # restored
+print("OK", policy, why)
+"""
+
+
+@pytest.mark.parametrize("devices, policy", [((("tpu", None),), "mixed_bfloat16"),
+                                             ((("gpu", 8.0),), "mixed_float16")])
+def test_copy_example_rebuilds_your_model_under_the_policy_on_jax_without_tensorflow(
+        tmp_path, devices, policy):
+    result = run_copy_example("mixed_precision.py", tmp_path,
+                              COPY_SETUP.format(devices=devices),
+                              COPY_CHECK.format(policy=policy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"OK {policy}" in result.stdout
+
+
+def test_under_policy_restores_the_global_policy_when_it_fails(keep_global_policy):
+    class Unbuildable(keras.layers.Layer):
+        @classmethod
+        def from_config(cls, config):
+            raise TypeError("cannot rebuild")
+
+    keras.mixed_precision.set_global_policy("float32")
+    with recipe.global_policy("float32"):
+        model = keras.Sequential([keras.Input((4,)), Unbuildable(), keras.layers.Dense(2)])
+    with pytest.raises(TypeError, match="cannot rebuild"):
+        recipe.under_policy(model, "mixed_bfloat16")
+    assert keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_benchmark_runs_on_jax_with_tensorflow_not_importable(tmp_path):

@@ -81,7 +81,7 @@ import json, sys
 import keras
 import numpy as np
 from recipes import batch  # noqa: E402
-from recipes import mixed_precision  # noqa: E402
+from experiments import mixed_precision  # noqa: E402
 from recipes import prune  # noqa: E402
 
 seen = []
