@@ -55,7 +55,7 @@ What each exception means for the exit code (main.py)
     Ctrl-C        the folder is marked INTERRUPTED, exit 130.
 """
 RECIPES = {
-    "batch": ("recipes.batch",
+    "batch": ("experiments.batch",
               "batch size vs throughput and accuracy: the same model swept over batch sizes"),
     "stream": ("recipes.stream",
                "image folders larger than memory: ImageDataGenerator vs tf.data, measured"),

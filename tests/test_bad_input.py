@@ -12,7 +12,7 @@ from PIL import Image
 
 import main
 from helpers import error_lines, write_idx_gz
-from recipes import batch
+from experiments import batch
 
 
 def make_folders(root):

@@ -1,11 +1,12 @@
-"""The batch recipe: a sweep a user can read and trust."""
+"""The batch recipe: a sweep a user can read and trust; its drop-in file alone on JAX."""
 import numpy as np
 import pytest
 
-from helpers import assert_median_throughput, run_dropin
+from helpers import assert_median_throughput, run_copy_example
 
 import datasets
-from recipes import batch
+from experiments import batch
+from recipes import batch as dropin
 
 TINY = dict(batch_sizes=(8, 16), epochs=2, steps_per_epoch=3, warmup_steps=1)
 
@@ -18,7 +19,7 @@ def test_sweep_reports_every_batch_size_and_picks_one(tmp_path, tiny_images):
             assert np.isfinite(metrics[f"{key}_b{b}"]), key
         assert metrics[f"step_time_ms_p50_b{b}"] <= metrics[f"step_time_ms_p90_b{b}"]
         assert_median_throughput(metrics, f"examples_per_sec_b{b}", f"step_time_ms_p50_b{b}", b)
-    assert metrics["best_batch_size"] == batch.pick_best(
+    assert metrics["best_batch_size"] == dropin.pick_best(
         {b: {k: metrics[f"{k}_b{b}"] for k in ("val_accuracy", "examples_per_sec")}
          for b in (8, 16)}, batch.Config.accuracy_tolerance)
     assert (tmp_path / "batch_8" / "train").is_dir() and (tmp_path / "sweep").is_dir()
@@ -68,8 +69,8 @@ def test_best_batch_is_fastest_within_accuracy_tolerance():
     results = {32: {"val_accuracy": 0.90, "examples_per_sec": 100},
                64: {"val_accuracy": 0.895, "examples_per_sec": 180},
                128: {"val_accuracy": 0.80, "examples_per_sec": 300}}
-    assert batch.pick_best(results, tolerance=0.01) == 64
-    assert batch.pick_best(results, tolerance=0.2) == 128
+    assert dropin.pick_best(results, tolerance=0.01) == 64
+    assert dropin.pick_best(results, tolerance=0.2) == 128
 
 
 
@@ -81,15 +82,74 @@ def test_bad_config_is_rejected(bad):
         batch.Config(**bad)
 
 
-def test_batch_recipe_is_drop_in(tmp_path):
-    script = (
-        "import numpy as np, batch\n"
-        "rng = np.random.default_rng(0)\n"
-        "x = rng.random((48, 8, 8, 1), dtype=np.float32); y = rng.integers(0, 3, 48)\n"
-        "m = batch.run(batch.Config(batch_sizes=(8,), epochs=1, warmup_steps=1), 'logs',"
-        " ((x, y), (x[:16], y[:16])))\n"
-        "print('BEST', m['best_batch_size'])\n")
-    result = run_dropin("batch.py", script, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "BEST 8" in result.stdout
-    assert (tmp_path / "dropin" / "logs" / "batch_8" / "train").is_dir()
+def test_full_batches_are_full_and_reshuffled_each_epoch():
+    x, y = np.arange(10).reshape(10, 1), np.arange(10)
+    batches = dropin.FullBatches(x, y, batch_size=4, seed=0)
+    assert len(batches) == 2 and all(len(batches[i][1]) == 4 for i in range(2))
+    first = np.concatenate([batches[i][1] for i in range(2)])
+    batches.on_epoch_end()
+    second = np.concatenate([batches[i][1] for i in range(2)])
+    assert len(set(first)) == 8 and not np.array_equal(first, second)
+    np.testing.assert_array_equal(dropin.FullBatches(x, y, 4, shuffle=False)[1][0], x[4:8])
+
+
+def test_dropin_sweep_scales_the_models_own_learning_rate(tiny_images):
+    import keras
+    (x, y), (x_val, y_val) = tiny_images
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.compile(keras.optimizers.SGD(0.01), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    results = dropin.sweep(model, x, y, x_val, y_val, batch_sizes=(8, 16), epochs=1,
+                           scale_lr=True, base_batch_size=8, verbose=0)
+    assert [r["learning_rate"] for r in results.values()] == [pytest.approx(0.01),
+                                                              pytest.approx(0.02)]
+    assert [r["steps_per_epoch"] for r in results.values()] == [60 // 8, 60 // 16]
+
+
+def test_dropin_sweep_needs_a_compiled_model(tiny_images):
+    import keras
+    (x, y), (x_val, y_val) = tiny_images
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="compile the model first"):
+        dropin.sweep(model, x, y, x_val, y_val, batch_sizes=(8,), epochs=1)
+
+
+# A user's model and data: which of three pixels is the brightest, a linear task.
+COPY_SETUP = """
+import keras, numpy as np
+assert keras.backend.backend() == "jax"
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.random((2560, 8, 8, 1), dtype=np.float32)
+x_val = rng.random((256, 8, 8, 1), dtype=np.float32)
+y, y_val = (a.reshape(len(a), -1)[:, :3].argmax(axis=1) for a in (x, x_val))
+model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+model.compile(keras.optimizers.Adam(0.03),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+before = model.get_weights()
+starts = []  # the weights each batch size's copy holds as its fit begins
+fit = keras.Model.fit
+def recording_fit(self, *args, **kwargs):
+    starts.append(self.get_weights())
+    return fit(self, *args, **kwargs)
+keras.Model.fit = recording_fit
+"""
+COPY_CHECK = """
+assert sorted(results) == [32, 64, 128] and len(starts) == 3, (sorted(results), len(starts))
+for weights in [*starts, model.get_weights()]:  # every copy from your weights; yours untouched
+    for a, b in zip(weights, before):
+        np.testing.assert_array_equal(a, b)
+for b, r in results.items():
+    assert r["steps_per_epoch"] == 2560 // b and r["learning_rate"] == np.float32(0.03)
+    assert np.isfinite(r["examples_per_sec"]) and r["examples_per_sec"] > 0, r
+    assert r["val_accuracy"] > 0.6, r  # trained: chance is 1/3
+print("OK", {b: round(r["val_accuracy"], 3) for b, r in results.items()})
+"""
+
+
+def test_copy_example_sweeps_a_users_model_from_the_same_weights_on_jax(tmp_path):
+    result = run_copy_example("batch.py", tmp_path, COPY_SETUP, COPY_CHECK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "<- best" in result.stdout and "OK " in result.stdout, result.stdout[-2000:]

@@ -13,7 +13,7 @@ from helpers import (ENV, REPO, epochs_printed, error_lines, only_run_dir,
                      read_tensorboard_tags, run_cli, run_two_workers)
 
 import main
-from recipes import batch
+from experiments import batch
 
 # 400 steps of batch 4: an epoch takes about a second on 2 cores, long enough
 # to stop the run inside the epoch we aim at.
@@ -109,7 +109,7 @@ GREEDY_BATCH = """
 import sys
 import keras, tensorflow as tf
 import main
-from recipes import batch
+from experiments import batch
 
 class Greedy(keras.layers.Layer):  # asks the CPU for 1 TiB at its first step
     def call(self, x):

@@ -80,7 +80,7 @@ DATA_PARALLEL = """
 import json, sys
 import keras
 import numpy as np
-from recipes import batch  # noqa: E402
+from experiments import batch  # noqa: E402
 from experiments import mixed_precision  # noqa: E402
 from recipes import prune  # noqa: E402
 

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from helpers import read_tensorboard_tags, tensorboard_server
-from recipes import batch  # noqa: E402
+from experiments import batch  # noqa: E402
 from experiments import mixed_precision  # noqa: E402
 from recipes import prune  # noqa: E402
 
