@@ -38,7 +38,7 @@ def parse_args():
 
 def timed_epoch(model, dataset):
     """Wall seconds of one training epoch (no validation) and its per-step seconds."""
-    from recipes.transfer import StepTimer
+    from recipes.step_timer import StepTimer
     timer = StepTimer()
     start = time.perf_counter()
     model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
@@ -50,7 +50,9 @@ def main():
     import keras
     import numpy as np
     from datasets import folder
+    from experiments import transfer as experiment
     from recipes import transfer
+    from recipes.step_timer import steady
 
     (x, y), _ = folder.load(args.data_dir, args.image_size, 3, seed=0)[0]
     x, y = x[:args.images], y[:args.images]
@@ -61,16 +63,16 @@ def main():
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
     keras.utils.set_random_seed(0)
-    base = transfer.load_vgg16("none", args.image_size)
+    base = experiment.load_vgg16("none", args.image_size)
     model, head, extractor = transfer.build_model(base, int(y.max()) + 1)
     for m in (model, head):
         m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     start = time.perf_counter()
-    features, extract_seconds = transfer.extract_features(extractor, x, batch)
+    features, extract_seconds = experiment.timed_extraction(extractor, x, batch)
     extract_s = time.perf_counter() - start
-    images = transfer.make_dataset(x, y, batch, seed=0)
-    cached = transfer.make_dataset(features, y, batch, seed=0)
+    images = experiment.make_dataset(x, y, batch, seed=0)
+    cached = experiment.make_dataset(features, y, batch, seed=0)
 
     print("warm-up epochs (tracing, not timed) ...", flush=True)
     timed_epoch(model, images)
@@ -91,9 +93,10 @@ def main():
         print(f"{'head on ' + name:<24} {p50:>11.3f} {max(seconds):>11.3f} "
               f"{1000 * np.percentile(steps_s[name], 50):>11.1f} "
               f"{1000 * np.percentile(steps_s[name], 90):>11.1f} {steps * batch / p50:>9.1f}")
-    steady = transfer.steady(extract_seconds, warmup=1)
+    steady_s = steady(extract_seconds, warmup=1)
     print(f"{'caching pass (once)':<24} {extract_s:>11.3f} {'':>11} "
-          f"{1000 * np.percentile(steady, 50):>11.1f} {1000 * np.percentile(steady, 90):>11.1f} "
+          f"{1000 * np.percentile(steady_s, 50):>11.1f} "
+          f"{1000 * np.percentile(steady_s, 90):>11.1f} "
           f"{len(x) / extract_s:>9.1f}")
     base_s, head_s = (statistics.median(results[k]) for k in ("frozen base", "cached features"))
     ratio = base_s / head_s

@@ -61,7 +61,7 @@ RECIPES = {
                "image folders larger than memory: ImageDataGenerator vs tf.data, measured"),
     "mixed_precision": ("experiments.mixed_precision",
                         "mixed_float16 / mixed_bfloat16 policy, done safely, vs float32"),
-    "transfer": ("recipes.transfer",
+    "transfer": ("experiments.transfer",
                  "VGG16 transfer learning: frozen base, cached features, fine-tuning"),
     "prune": ("recipes.prune",
               "magnitude pruning (Keras 3 or tfmot) that really shrinks the saved model"),

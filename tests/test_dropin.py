@@ -19,7 +19,6 @@ FILES = sorted(p for p in (REPO / "recipes").glob("*.py") if p.name != "__init__
 NOT_YET_MIGRATED = {
     "prune",
     "stream",
-    "transfer",
 }
 DROPIN = [p for p in FILES if p.stem not in NOT_YET_MIGRATED]
 

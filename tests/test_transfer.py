@@ -6,8 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import error_lines, only_run_dir, read_tensorboard_tags, run_cli, run_dropin, ENV
-from recipes import transfer
+from helpers import (ENV, error_lines, only_run_dir, read_tensorboard_tags, run_cli,
+                     run_copy_example)
+from experiments import transfer
+from experiments.files import write_atomically
+from recipes import transfer as dropin
+from recipes.step_timer import StepTimer
 
 
 def tiny_config(**overrides):
@@ -25,7 +29,7 @@ def random_images(n, classes=3, seed=0):
 def tiny_model(classes=3):
     keras.utils.set_random_seed(0)
     base = transfer.load_vgg16("none", 32)
-    model, head, extractor = transfer.build_model(base, classes, dense_units=16)
+    model, head, extractor = dropin.build_model(base, classes, dense_units=16)
     return base, model, head, extractor
 
 
@@ -45,7 +49,7 @@ def test_phase1_keeps_the_base_frozen_and_phase2_trains_only_block5():
     assert not all(np.array_equal(a, w.numpy()) for a, w in zip(head_before, head.weights))
     assert {w.path for w in model.trainable_weights} == {w.path for w in head.weights}
 
-    transfer.unfreeze_last_block(base)  # phase 2
+    dropin.unfreeze_last_block(base)  # phase 2
     block5 = {w.path for w in base.weights if "block5_" in w.path}
     assert {w.path for w in base.trainable_weights} == block5 and block5
     fit_once(model, x, y, tiny_config(), lr=1e-3)
@@ -127,34 +131,28 @@ def test_cli_tiny_run_at_32px_puts_both_phases_on_one_tensorboard_timeline(tmp_p
     assert learning_rates[-1] == pytest.approx(learning_rates[0] / 30, rel=1e-3)
 
 
-def test_recipe_file_alone_runs_and_saves_models_that_reload_with_equal_predictions(tmp_path):
-    # Drop-in: the file alone, cached features (to a file), fine-tuning and export,
-    # on gray 40x40 images that the recipe must turn into 32x32 RGB.
-    script = (
-        "import json, numpy as np, transfer\n"
-        "rng = np.random.default_rng(0)\n"
-        "x = rng.uniform(size=(32, 40, 40, 1)).astype('float32'); y = np.arange(32) % 2\n"
-        "cfg = transfer.Config(weights='none', image_size=32, epochs=1, fine_tune_epochs=1,"
-        " batch_size=8, dense_units=16, warmup_steps=0, cache_features=True,"
-        " cache_file='features.npz', export='saved_model', learning_rate=3e-3)\n"
-        "m = transfer.run(cfg, 'logs', ((x[:16], y[:16]), (x[16:], y[16:])))\n"
-        "np.save('x_val.npy', transfer.as_rgb(x[16:], 32)); np.save('y_val.npy', y[16:])\n"
-        "rgb = transfer.as_rgb(x, 32)\n"
-        "_, _, seconds = transfer.cached_features(None, rgb[:16], rgb[16:], 8, cfg)\n"
-        "m['cache_reused'] = seconds is None\n"
-        "print(json.dumps(m))\n")
-    result = run_dropin("transfer.py", script, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(result.stdout.strip().splitlines()[-1])
-    assert metrics["cache_reused"]  # a second extraction read features.npz instead
+def test_run_caches_fine_tunes_exports_and_saves_models_that_reload_with_equal_predictions(
+        tmp_path):
+    # Cached features (to a file), fine-tuning and export, on gray 40x40 images that the
+    # experiment must turn into 32x32 RGB.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(32, 40, 40, 1)).astype("float32")
+    y = np.arange(32) % 2
+    cfg = transfer.Config(weights="none", image_size=32, epochs=1, fine_tune_epochs=1,
+                          batch_size=8, dense_units=16, warmup_steps=0, cache_features=True,
+                          cache_file=str(tmp_path / "features.npz"), export="saved_model",
+                          learning_rate=3e-3)
+    logs = tmp_path / "logs"
+    metrics = transfer.run(cfg, str(logs), ((x[:16], y[:16]), (x[16:], y[16:])))
+    x_val, y_val = transfer.as_rgb(x[16:], 32), y[16:]
+    rgb = transfer.as_rgb(x, 32)
+    _, _, seconds = transfer.cached_features(None, rgb[:16], rgb[16:], 8, cfg)
+    assert seconds is None  # a second extraction read features.npz instead
     assert metrics["cache_speedup"] == pytest.approx(metrics["base_epoch_s"]
                                                      / metrics["head_epoch_s"])
     trainable = metrics["trainable_params"], metrics["trainable_params_phase2"]
     assert trainable[0] < trainable[1] < metrics["total_params"]
 
-    workdir = tmp_path / "dropin"
-    x_val, y_val = np.load(workdir / "x_val.npy"), np.load(workdir / "y_val.npy")
-    logs = workdir / "logs"
     final = keras.models.load_model(logs / "final.keras")
     predictions = final.predict(x_val, verbose=0)
     assert np.mean(predictions.argmax(1) == y_val) == pytest.approx(metrics["val_accuracy"])
@@ -167,17 +165,59 @@ def test_recipe_file_alone_runs_and_saves_models_that_reload_with_equal_predicti
     assert not list(logs.glob(".*partial*"))  # atomic writes leave no temp files behind
 
 
+COPY_SETUP = """
+import sys
+import keras, numpy as np
+assert keras.backend.backend() == "jax"
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.uniform(size=(48, 32, 32, 3)).astype("float32"); y = np.arange(48) % 2
+x_val = rng.uniform(size=(16, 32, 32, 3)).astype("float32"); y_val = np.arange(16) % 2
+weights = None  # random VGG16: a test downloads nothing
+"""
+COPY_CHECK = """
+keras.utils.set_random_seed(0)  # the base the Copy code started from, again
+start = keras.applications.VGG16(include_top=False, weights=None, input_shape=x.shape[1:])
+trained = {}
+for before, after in zip(start.layers, base.layers):
+    if after.weights:
+        changed = any(not np.array_equal(a, b)
+                      for a, b in zip(before.get_weights(), after.get_weights()))
+        assert changed == after.name.startswith("block5_"), (after.name, changed)
+        trained[after.name] = changed
+assert sum(trained.values()) == 3, trained  # block5's three convolutions, nothing else
+assert len(head.history.history["val_accuracy"]) == 10  # phase 1 ran on the cached features
+# VGG16's preprocessing is applied once, inside the model: the extractor on [0, 1] images
+# equals the base on preprocess_input(255 * images).
+once = keras.applications.vgg16.preprocess_input(255 * x_val.copy())
+np.testing.assert_allclose(extract_features(extractor, x_val), np.asarray(base(once)),
+                           rtol=1e-4, atol=1e-4)
+reloaded = keras.models.load_model("transfer.keras")
+np.testing.assert_allclose(reloaded.predict(x_val, verbose=0), model.predict(x_val, verbose=0),
+                           atol=1e-5)
+assert "tensorflow" not in sys.modules
+print("OK", sorted(trained))
+"""
+
+
+def test_copy_example_fine_tunes_only_block5_and_saves_a_model_that_takes_raw_images_on_jax(
+        tmp_path):
+    result = run_copy_example("transfer.py", tmp_path, COPY_SETUP, COPY_CHECK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK ['block1_conv1'" in result.stdout and "'block5_conv3']" in result.stdout
+
+
 def test_saved_model_reloads_with_equal_predictions(tmp_path):
     _, model, _, _ = tiny_model()
     x, _ = random_images(4)
-    transfer.write_atomically(tmp_path / "model.keras", model.save)
+    write_atomically(tmp_path / "model.keras", model.save)
     reloaded = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0),
                                atol=1e-6)
 
 
 def test_long_phase_prints_its_estimated_duration_from_the_first_timed_steps(capsys):
-    timer = transfer.StepTimer()
+    timer = StepTimer()
     estimate = transfer.EstimatePrinter(timer, "phase 1", total_steps=100, warmup_steps=1)
     for _ in range(3):  # one warm-up step, then two timed ones
         timer.on_train_batch_begin(0)

@@ -3,15 +3,19 @@ epoch in either phase, never recomputes cached features it had written, and keep
 TensorBoard point per epoch; mirrored and two-worker runs train both phases."""
 import json
 import signal
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
-from helpers import (epochs_printed, only_run_dir, read_tensorboard_steps,
-                     read_tensorboard_tags, run_cli, run_dropin, run_two_workers)
+from helpers import (ENV, REPO, epochs_printed, only_run_dir, read_tensorboard_steps,
+                     read_tensorboard_tags, run_cli, run_two_workers)
 from test_faults import read_until, start_cli
-from recipes import transfer
+from experiments import transfer
+from experiments.scale_out import EpochCheckpoint, latest_checkpoint
+from recipes import transfer as dropin
 
 TINY = ["--recipe=transfer", "--weights=none", "--image_size=32", "--batch_size=8",
         "--dense_units=16", "--steps_per_epoch=4"]
@@ -81,14 +85,14 @@ def test_phase2_checkpoint_restores_weights_and_adam_state_after_the_new_compile
     def phase2_model(seed):
         keras.utils.set_random_seed(seed)
         base = transfer.load_vgg16("none", 32)
-        model, _, _ = transfer.build_model(base, 3, dense_units=16)
-        transfer.unfreeze_last_block(base)
+        model, _, _ = dropin.build_model(base, 3, dense_units=16)
+        dropin.unfreeze_last_block(base)
         return model
 
     trained = phase2_model(0)
     transfer.fit_phase(trained, ds, ds, "phase 2", 2, 1, 1e-3, 2, tiny_config(),
-                       [transfer.EpochCheckpoint(str(tmp_path))])
-    resume = transfer.latest_checkpoint(str(tmp_path))
+                       [EpochCheckpoint(str(tmp_path))])
+    resume = latest_checkpoint(str(tmp_path))
     assert resume[1]["epochs_done"] == 2
 
     restored = phase2_model(1)  # other initial weights: everything must come from the file
@@ -108,7 +112,7 @@ import json, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-import transfer
+from experiments import transfer
 rng = np.random.default_rng(0)
 x = rng.uniform(size=(48, 32, 32, 3)).astype("float32"); y = np.arange(48) % 3
 cfg = transfer.Config(weights="none", image_size=32, epochs=1, fine_tune_epochs=1, batch_size=8,
@@ -119,13 +123,17 @@ print(json.dumps(m))
 
 
 def test_mirrored_run_on_two_replicas_scales_batch_and_learning_rate(tmp_path):
-    # Drop-in, with a MirroredStrategy over two logical CPUs: two real replicas.
-    result = run_dropin("transfer.py", MIRRORED_ON_TWO_CPUS, tmp_path)
+    # The experiment called from Python (not main.py), with a MirroredStrategy over two
+    # logical CPUs: two real replicas. In a process of its own: the logical CPUs must be
+    # set before TensorFlow starts.
+    result = subprocess.run([sys.executable, "-c", MIRRORED_ON_TWO_CPUS], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**ENV, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 replica(s)" in result.stdout
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["replicas"] == 2 and np.isfinite(metrics["val_accuracy_phase2"])
-    logs = tmp_path / "dropin" / "logs"
+    logs = tmp_path / "logs"
     rates = read_tensorboard_tags(logs / "train_log" / "train")["epoch_learning_rate"]
     assert rates == pytest.approx([2e-3, 2e-3 / 30], rel=1e-3)  # 1e-3 x 2 replicas
     # 32 images at 8 per replica x 2: two steps per epoch (per replica it would be four)
