@@ -11,10 +11,10 @@ Each repeat trains one baseline (Keras 3) and copies its weights into the same
 model built with tf_keras, so every variant starts from the same trained
 weights; then the variants run one after the other on copies of it:
   guide 80% / 90%          tfmot, the guide's code as written (whole model, frequency 100)
-  tfmot 80% / 90%          recipes/prune.py --engine=tfmot with the CLI's defaults:
+  tfmot 80% / 90%          the prune experiment --engine=tfmot with the CLI's defaults:
                            its layer choice (the 108-weight conv stays dense),
                            the schedule aligned with the fine-tuning span
-  keras 80% / 90%          recipes/prune.py --engine=keras (the default), the same
+  keras 80% / 90%          --engine=keras (the default, recipes/prune.py's technique), the same
   tfmot 80% + 8 clusters   then tfmot's sparsity-preserving clustering, 1 epoch at lr/10
 Sizes are gzip -9 of each engine's saved model without the optimizer (.h5 for
 tfmot, .keras for Keras 3) and of the dynamic-range int8 TFLite file; "x" is
@@ -40,7 +40,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from datasets import idx  # noqa: E402
-from recipes import prune  # noqa: E402
+from experiments import prune  # noqa: E402
+from experiments.exports import gzip_bytes, save_model, to_tflite  # noqa: E402
+from experiments.prune_tfmot import tfmot_modules  # noqa: E402
+from recipes.prune import measure_sparsity  # noqa: E402
 
 BATCH, BASELINE_BATCH, BASELINE_EPOCHS, FINETUNE_EPOCHS, N_TRAIN = 128, 32, 4, 2, 54000
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
@@ -65,16 +68,16 @@ def load_mnist(data_dir):
 def measure(model, names, data, baseline, tmp, tag):
     """Accuracy, sparsity and gzip sizes of a stripped model (Keras 3 or tf_keras)."""
     engine = "tfmot" if type(model).__module__.startswith("tf_keras") else "keras"
-    per_layer, measured, _ = prune.measure_sparsity(model, names)
-    size = prune.save_model(model, os.path.join(tmp, f"{tag}{SUFFIX[engine]}"))
-    quant = prune.gzip_bytes(prune.to_tflite(model, quantize=True)) if TFLITE or \
+    per_layer, measured, _ = measure_sparsity(model, names)
+    size = save_model(model, os.path.join(tmp, f"{tag}{SUFFIX[engine]}"))
+    quant = gzip_bytes(to_tflite(model, quantize=True)) if TFLITE or \
         engine == "tfmot" else float("nan")
     accuracy = prune.accuracy(model, *data[1])
     dense = baseline[engine]
     # The same weights in the same container for both engines: the .keras zip holds a config
     # and metadata the .h5 does not, so files of different formats differ by more than pruning.
-    h5 = size if engine == "tfmot" else prune.save_model(tf_keras_twin(model),
-                                                         os.path.join(tmp, f"{tag}.h5"))
+    h5 = size if engine == "tfmot" else save_model(tf_keras_twin(model),
+                                                   os.path.join(tmp, f"{tag}.h5"))
     h5_raw = os.path.getsize(os.path.join(tmp, f"{tag}.h5"))  # uncompressed: the structure
     return {"accuracy": accuracy, "drop": 100 * (baseline["accuracy"] - accuracy),
             "sparsity": measured, "per_layer": per_layer, "size": size, "quant": quant,
@@ -83,7 +86,7 @@ def measure(model, names, data, baseline, tmp, tag):
 
 def tf_keras_twin(model):
     """The guide's model built with tf_keras, holding a Keras 3 model's weights."""
-    twin, _ = prune.build_model((28, 28, 1), 10, "conv", api=prune._tfmot()[0])
+    twin, _ = prune.build_model((28, 28, 1), 10, "conv", api=tfmot_modules()[0])
     twin.set_weights(model.get_weights())
     return twin
 
@@ -93,7 +96,7 @@ SUFFIX = {"tfmot": ".h5", "keras": ".keras"}
 
 def guide_variant(baselines, loss, data, target, tmp, baseline, tag):
     """The guide's code, except that it prunes a clone (the guide prunes the baseline itself)."""
-    tf_keras, tfmot = prune._tfmot()
+    tf_keras, tfmot = tfmot_modules()
     sparsity = tfmot.sparsity.keras
     model = tf_keras.models.clone_model(baselines["tfmot"])
     model.set_weights(baselines["tfmot"].get_weights())
@@ -109,7 +112,7 @@ def guide_variant(baselines, loss, data, target, tmp, baseline, tag):
 
 
 def recipe_variant(engine, baselines, loss, data, target, tmp, baseline, tag, clusters=0):
-    """recipes/prune.py with the CLI's defaults for the pruning, on the guide's training."""
+    """The prune experiment with the CLI's defaults for the pruning, on the guide's training."""
     config = prune.Config(engine=engine, model="conv", epochs=FINETUNE_EPOCHS, batch_size=BATCH,
                           final_sparsity=target, clusters=clusters)
     result = prune.prune_and_finetune(baselines[engine], loss[engine], data, config, target,
@@ -131,7 +134,7 @@ VARIANTS = [
 
 def train_baselines(data, seed, tmp):
     """The guide's baseline, trained once in Keras 3, and its twin in tf_keras."""
-    tf_keras = prune._tfmot()[0]
+    tf_keras = tfmot_modules()[0]
     keras.utils.set_random_seed(seed)
     model, loss = prune.build_model((28, 28, 1), 10, "conv")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
@@ -139,7 +142,7 @@ def train_baselines(data, seed, tmp):
     twin, twin_loss = prune.build_model((28, 28, 1), 10, "conv", api=tf_keras)
     twin.set_weights(model.get_weights())
     baselines, losses = {"keras": model, "tfmot": twin}, {"keras": loss, "tfmot": twin_loss}
-    sizes = {engine: prune.save_model(m, os.path.join(tmp, f"baseline{SUFFIX[engine]}"))
+    sizes = {engine: save_model(m, os.path.join(tmp, f"baseline{SUFFIX[engine]}"))
              for engine, m in baselines.items()}
     return baselines, losses, {"accuracy": prune.accuracy(model, *data[1]), **sizes}
 
@@ -162,7 +165,7 @@ def main():
             for name, variant in VARIANTS:
                 print(f"\n== repeat {seed + 1}/{args.repeats}: {name} ==")
                 keras.utils.set_random_seed(seed)
-                prune._tfmot()[0].utils.set_random_seed(seed)
+                tfmot_modules()[0].utils.set_random_seed(seed)
                 began = time.perf_counter()
                 row = variant(baselines, losses, data, tmp, baseline,
                               f"{name}-{seed}".replace(" ", "_").replace("%", ""))

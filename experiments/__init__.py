@@ -63,7 +63,7 @@ RECIPES = {
                         "mixed_float16 / mixed_bfloat16 policy, done safely, vs float32"),
     "transfer": ("experiments.transfer",
                  "VGG16 transfer learning: frozen base, cached features, fine-tuning"),
-    "prune": ("recipes.prune",
+    "prune": ("experiments.prune",
               "magnitude pruning (Keras 3 or tfmot) that really shrinks the saved model"),
     "device": ("experiments.device",
                "the same job on CPU and each GPU, with time, cost and a verdict"),

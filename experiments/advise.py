@@ -64,7 +64,7 @@ from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar
 from experiments.mixed_precision import batch_fetch_ms, build_model, has_tensorflow, peak_rss_mb
 from experiments.user_model import classifier_loss, fresh_model
 from recipes import mixed_precision
-from recipes import prune
+from experiments import exports
 from recipes.step_timer import StepTimer, steady, throughput
 
 # What main.py feeds this recipe: mixed_precision's default data as arrays, or a folder
@@ -689,17 +689,17 @@ def predict(baseline, pipeline, compute_gain):
 def size_probe(reference, run_dir, x_val):
     """gzip bytes of the model in float32 and after Keras' model.quantize("int8"), the
     layers Keras left in float, and how often the two predict the same class."""
-    float_bytes = prune.save_model(fresh_model(reference, None, None),
-                                   os.path.join(run_dir, "float32.keras"))
+    float_bytes = exports.save_model(fresh_model(reference, None, None),
+                                     os.path.join(run_dir, "float32.keras"))
     quantized = fresh_model(reference, None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized.quantize("int8")
     path = write_atomically(os.path.join(run_dir, "int8.keras"), quantized.save)
-    left = prune.left_in_float(quantized)
+    left = exports.left_in_float(quantized)
     same = np.mean(np.argmax(reference.predict(x_val, verbose=0), -1)
                    == np.argmax(quantized.predict(x_val, verbose=0), -1))
-    return {"float32_gzip_bytes": float_bytes, "int8_gzip_bytes": prune.gzip_bytes(path),
+    return {"float32_gzip_bytes": float_bytes, "int8_gzip_bytes": exports.gzip_bytes(path),
             "int8_unquantized_layers": ", ".join(left) or "none",
             "int8_same_prediction": float(same)}
 

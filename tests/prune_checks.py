@@ -1,4 +1,4 @@
-"""What the Keras 3 pruning engine promises, as checks that run on any backend.
+"""What the Keras 3 pruning engine (recipes/prune.py) promises, as checks that run on any backend.
 
 tests/test_prune.py runs them in its own process (TensorFlow) and, through
 `python -c "import prune_checks; prune_checks.main()"`, on KERAS_BACKEND=jax.
@@ -13,6 +13,8 @@ import keras
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from experiments import exports  # noqa: E402
+from experiments.prune import keras_int8  # noqa: E402
 from recipes import prune  # noqa: E402
 
 STEPS = 12  # fine-tuning steps: pruning runs from step 1 to 8, then 4 more steps
@@ -101,10 +103,10 @@ def check_a_users_functional_model_prunes_and_its_exports_reload():
     (_, _), (x_val, y_val) = data()
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "pruned.keras")
-        prune.save_model(stripped, path)
-        ok, diff = prune.predictions_match(stripped, prune.load_model(path), x_val)
+        exports.save_model(stripped, path)
+        ok, diff = exports.predictions_match(stripped, exports.load_model(path), x_val)
         assert ok, diff
-        quantized = prune.keras_int8(stripped, folder, x_val, y_val)
+        quantized = keras_int8(stripped, folder, x_val, y_val)
         assert quantized["keras_int8_reload_matches"]
         assert quantized["keras_int8_unquantized_layers"] == "conv_a, conv_b"  # convolutions
 

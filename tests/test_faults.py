@@ -145,7 +145,7 @@ def test_out_of_memory_in_training_is_one_line_exit_1_and_keeps_the_folder(tmp_p
 def test_a_failure_after_training_keeps_the_trained_models_exit_1(tmp_path, capfd,
                                                                   monkeypatch):
     """A late error (here the TFLite converter's) is not bad input: nothing made is lost."""
-    from recipes import prune
+    from experiments import prune
 
     def converter_fails(model, quantize):
         raise ValueError("TFLite converter failed: op not supported")

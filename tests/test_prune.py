@@ -1,4 +1,5 @@
-"""The prune recipe: real sparsity and size savings on both engines, clean exports, clear errors."""
+"""The prune experiment and its drop-in file: real sparsity and size savings on both engines,
+clean exports, clear errors; recipes/prune.py's Copy: example alone on JAX."""
 import concurrent.futures
 import json
 import subprocess
@@ -9,22 +10,42 @@ import numpy as np
 import pytest
 
 import prune_checks
+from experiments import prune, prune_tfmot
+from experiments.exports import gzip_bytes
 from helpers import (ENV, REPO, error_lines, only_run_dir,
-                     read_tensorboard_tags, run_cli, run_dropin)
-from recipes import prune
+                     read_tensorboard_tags, run_cli, run_copy_example)
+from recipes.prune import Schedule, choose_layers
 
-DROPIN_SCRIPT = """
-import os, sys, numpy as np, keras
-import prune
+# A user's own small model and data, trained as they would (TensorFlow blocked: JAX).
+COPY_SETUP = """
+import gzip, sys
+import keras, numpy as np
+assert keras.backend.backend() == "jax"
 rng = np.random.default_rng(0)
-x = rng.random((48, 8, 8, 1), dtype=np.float32)
-y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int64)
-mine = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                         keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)])
-m = prune.run(prune.Config(epochs=1, batch_size=16), "logs", ((x, y), (x, y)), model=mine)
-assert "tensorflow_model_optimization" not in sys.modules and "tf_keras" not in sys.modules
-print("sparsity", round(m["sparsity_measured"], 2), m["pruned_gzip_bytes"] < m["baseline_gzip_bytes"],
-      os.path.exists("logs/pruned.keras"))
+x, x_val = (rng.random((n, 8, 8, 1), dtype=np.float32) for n in (512, 128))
+label = lambda x: (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int64")
+y, y_val = label(x), label(x_val)
+model = keras.Sequential([keras.Input((8, 8, 1)),
+                          keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+                          keras.layers.Flatten(),
+                          keras.layers.Dense(32, activation="relu", name="hidden"),
+                          keras.layers.Dense(2, name="logits")])
+model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.fit(x, y, epochs=1, verbose=0)
+before = model.get_weights()
+model.save("dense.keras")
+"""
+COPY_CHECK = """
+assert "tensorflow" not in sys.modules and "tf_keras" not in sys.modules
+assert list(masks) == ["hidden"], masks  # the 72-weight conv and the 64-weight output stay dense
+assert abs(per_layer["hidden"] - 0.8) < 1e-3 and sparsity == per_layer["hidden"], per_layer
+assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # yours unchanged
+saved = keras.models.load_model("pruned.keras").get_layer("hidden").kernel
+assert np.mean(keras.ops.convert_to_numpy(saved) == 0) == per_layer["hidden"]  # zeros kept
+size = {name: len(gzip.compress(open(name, "rb").read(), 9))
+        for name in ("dense.keras", "pruned.keras")}
+assert size["pruned.keras"] < 0.6 * size["dense.keras"], size
+print("OK", round(sparsity, 2), type(small).__name__, "compiled" if small.compiled else "plain")
 """
 BAD_FLAGS = {"--final_sparsity=1.2": "--final_sparsity", "--sparsity_m_by_n=3,2": "--sparsity_m_by_n",
              "--clusters=8": "--engine=tfmot"}
@@ -37,8 +58,7 @@ def subprocesses(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prune_subprocesses")
     jobs = {engine: (run_cli, "--recipe=prune", f"--engine={engine}", *TINY,
                      f"--logdir={tmp / engine}") for engine in prune.ENGINES}
-    jobs["dropin"] = (run_dropin, "prune.py", DROPIN_SCRIPT, tmp, 300, None, False,
-                      ("tensorflow_model_optimization", "tf_keras"))
+    jobs["copy"] = (run_copy_example, "prune.py", tmp, COPY_SETUP, COPY_CHECK)
     jobs["jax"] = (subprocess.run, [sys.executable, "-c", "import prune_checks; prune_checks.main()"])
     for i, flag in enumerate(BAD_FLAGS):
         jobs[flag] = (run_cli, "--recipe=prune", flag, f"--logdir={tmp / f'bad{i}'}")
@@ -92,7 +112,7 @@ def test_cli_headline_run_reaches_target_sparsity_and_really_shrinks_the_export(
     files = {f"baseline{suffix}": "baseline_gzip_bytes", f"pruned{suffix}": "pruned_gzip_bytes",
              "pruned.tflite": "tflite_gzip_bytes", "pruned_quant.tflite": "tflite_quant_gzip_bytes"}
     for name, key in files.items():
-        assert prune.gzip_bytes(run_dir / name) == metrics[key], name
+        assert gzip_bytes(run_dir / name) == metrics[key], name
     tags = read_tensorboard_tags(run_dir / "pruned" / "metrics")
     sparsity_tags = [t for t in tags if t.endswith("/sparsity")]
     assert len(sparsity_tags) == 2 and all("dense_" in t for t in sparsity_tags)
@@ -119,15 +139,15 @@ def test_bad_flags_are_one_line_errors(subprocesses):
         assert not (tmp / f"bad{i}" / "prune").exists()
 
 
-def test_recipe_file_alone_prunes_a_keras3_model_without_tfmot_installed(subprocesses):
-    result = subprocesses[0]["dropin"].result()
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "sparsity 0.8 True True" in result.stdout
+def test_copy_example_prunes_a_users_model_alone_on_jax_without_tensorflow(subprocesses):
+    result = subprocesses[0]["copy"].result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK 0.8 Sequential plain" in result.stdout  # your class, no optimizer
 
 
 def test_schedule_follows_tfmots_polynomial_decay():
-    ours = prune.Schedule("polynomial", 0.5, 0.8, 10, 110, 10)
-    theirs = prune.tfmot_schedule(ours)
+    ours = Schedule("polynomial", 0.5, 0.8, 10, 110, 10)
+    theirs = prune_tfmot.tfmot_schedule(ours)
     for step in (10, 20, 55, 100, 110):
         due, sparsity = theirs(step)
         assert bool(keras.ops.convert_to_numpy(ours.due(step))) == bool(due.numpy()), step
@@ -137,30 +157,30 @@ def test_schedule_follows_tfmots_polynomial_decay():
 
 def test_default_layer_choice_leaves_tiny_kernels_dense_and_lists_what_cannot_be_pruned():
     guide, _ = prune.build_model((28, 28, 1), 10, "conv")
-    names, dense = prune.choose_layers(guide)
+    names, dense = choose_layers(guide)
     assert names == ["output"] and "conv" in dense and "0.5%" in dense["conv"]  # 108 weights
     odd = keras.Sequential([keras.Input((6,)), keras.layers.Embedding(10, 4, name="embed"),
                             keras.layers.Flatten(), keras.layers.Dense(8, name="hidden"),
                             keras.layers.BatchNormalization(name="bn")])
-    names, dense = prune.choose_layers(odd, min_share=0)
+    names, dense = choose_layers(odd, min_share=0)
     assert names == ["hidden"]
     assert dense == {"embed": "Embedding has no kernel to prune by magnitude"}  # BN: not listed
-    assert "bn" in prune.choose_layers(odd, layer_names=("bn", "hidden"))[1]  # unless named
+    assert "bn" in choose_layers(odd, layer_names=("bn", "hidden"))[1]  # unless named
 
 
 def test_tfmot_clustering_after_pruning_keeps_the_zeros_and_shares_values(tiny_images):
-    tf_keras = prune._tfmot()[0]
+    tf_keras = prune_tfmot.tfmot_modules()[0]
     model, loss = prune.build_model((28, 28, 1), 10, api=tf_keras)
-    schedule = prune.Schedule("polynomial", 0.5, 0.8, 0, 8, 1)
-    pruned, _ = prune.tfmot_prune_model(model, schedule, ["dense_64"])
+    schedule = Schedule("polynomial", 0.5, 0.8, 0, 8, 1)
+    pruned, _ = prune_tfmot.tfmot_prune_model(model, schedule, ["dense_64"])
     pruned.compile(tf_keras.optimizers.Adam(1e-3), loss)
     prune.train(pruned, tiny_images, 2, 16, None, 0,
-                [prune._tfmot()[1].sparsity.keras.UpdatePruningStep()])
-    stripped = prune._tfmot()[1].sparsity.keras.strip_pruning(pruned)
-    clustered = prune.tfmot_cluster(stripped, ["dense_64"], clusters=4)
+                [prune_tfmot.tfmot_modules()[1].sparsity.keras.UpdatePruningStep()])
+    stripped = prune_tfmot.tfmot_modules()[1].sparsity.keras.strip_pruning(pruned)
+    clustered = prune_tfmot.tfmot_cluster(stripped, ["dense_64"], clusters=4)
     clustered.compile(tf_keras.optimizers.Adam(1e-4), loss)
     prune.train(clustered, tiny_images, 1, 16, None, 0)
-    final = prune._tfmot()[1].clustering.keras.strip_clustering(clustered)
+    final = prune_tfmot.tfmot_modules()[1].clustering.keras.strip_clustering(clustered)
     kernel = final.get_layer("dense_64").get_weights()[0]
     assert np.mean(kernel == 0) == pytest.approx(0.8, abs=0.01)
     assert len(np.unique(kernel[kernel != 0])) <= 4

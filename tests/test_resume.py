@@ -82,7 +82,7 @@ import keras
 import numpy as np
 from experiments import batch  # noqa: E402
 from experiments import mixed_precision  # noqa: E402
-from recipes import prune  # noqa: E402
+from experiments import prune  # noqa: E402
 
 seen = []
 fit = keras.Model.fit

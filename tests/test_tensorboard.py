@@ -13,7 +13,7 @@ import pytest
 from helpers import read_tensorboard_tags, tensorboard_server
 from experiments import batch  # noqa: E402
 from experiments import mixed_precision  # noqa: E402
-from recipes import prune  # noqa: E402
+from experiments import prune  # noqa: E402
 
 BATCH = dict(batch_sizes=(8, 16), epochs=2, steps_per_epoch=3, warmup_steps=1)
 
