@@ -79,10 +79,12 @@ def peak_rss_mb():
 
 def rss_child(folder):
     """In a fresh process: one streaming tf.data epoch inside fit; prints peak RSS in MB."""
+    from experiments import stream as experiment
+    from experiments.image_folder import scan_folder
     from recipes import stream
-    scan = stream.scan_folder(folder, SIZE)
-    dataset, _ = stream.tf_data_pipeline(scan, SIZE, BATCH, training=True)
-    model = stream.build_model(SIZE, len(scan.class_names))
+    scan = scan_folder(folder, SIZE)
+    dataset, _ = stream.tf_data_pipeline(scan.paths, scan.labels, SIZE, BATCH, training=True)
+    model = experiment.build_model(SIZE, len(scan.class_names))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     steps = -(-len(scan.paths) // BATCH)
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
@@ -108,13 +110,16 @@ def main():
     import tensorflow as tf
     from PIL import Image
 
+    from experiments import stream as experiment
+    from experiments.image_folder import scan_folder
     from recipes import stream
+    from recipes.step_timer import StepTimer
 
     workdir = tempfile.mkdtemp(prefix="stream-bench-")
     atexit.register(shutil.rmtree, workdir, True)
     train_dir = find_train_dir(args.data, workdir)
     start = time.perf_counter()
-    scan = stream.scan_folder(train_dir, SIZE)
+    scan = scan_folder(train_dir, SIZE)
     scan_rate = len(scan.paths) / (time.perf_counter() - start)
     n, steps = len(scan.paths), -(-len(scan.paths) // BATCH)
     workers = [int(w) for w in args.workers.split(",")]
@@ -122,17 +127,18 @@ def main():
           f"{BATCH}; checked all files first at {scan_rate:.0f} images/s "
           f"({len(scan.skipped)} bad); {os.cpu_count()} CPU cores")
 
-    view = stream.link_tree(scan, pathlib.Path(workdir) / "view")
+    view = experiment.link_tree(scan, pathlib.Path(workdir) / "view")
 
     def generator(w, augment=False):
         return stream.generator_flow(view, scan.class_names, SIZE, BATCH, augment=augment,
                                      workers=w)
 
-    def tf_data(cache="none", augment=False, augment_with="fused"):
-        return stream.tf_data_pipeline(scan, SIZE, BATCH, training=True, cache=cache,
-                                       augment=augment, augment_with=augment_with)[0]
+    def tf_data(cache="none", augment=False, augment_with="fused"):  # one pass: an epoch
+        return stream.tf_data_pipeline(scan.paths, scan.labels, SIZE, BATCH, training=True,
+                                       cache=cache, augment=augment, augment_with=augment_with)[0]
 
-    cached_ds, cached_stage = stream.tf_data_pipeline(scan, SIZE, BATCH, True, "memory")
+    cached_ds, cached_stage = stream.tf_data_pipeline(scan.paths, scan.labels, SIZE, BATCH, True,
+                                                      "memory")
     fill_rate = stream.fill_cache(cached_stage)
     loaders = {f"generator w={w}": (generator(w), w) for w in workers}
     loaders.update({"tf.data": (tf_data(), None), "tf.data cached": (cached_ds, None),
@@ -180,8 +186,8 @@ def main():
             return floors[name]()
         data, w = loaders[name]
         if w is None:
-            return stream.time_dataset(data, steps_of(name), WARMUP)
-        return stream.time_generator(data, steps_of(name), w, WARMUP)
+            return experiment.time_dataset(data, steps_of(name), WARMUP)
+        return experiment.time_generator(data, steps_of(name), w, WARMUP)
 
     # The model alone: one batch already in memory, repeated; the ceiling for any loader.
     images, labels = next(iter(cached_ds))
@@ -192,14 +198,14 @@ def main():
         data, _ = loaders[name]
         if name not in models:
             keras.utils.set_random_seed(0)
-            models[name] = stream.build_model(SIZE, len(scan.class_names))
+            models[name] = experiment.build_model(SIZE, len(scan.class_names))
             models[name].compile(optimizer="adam", loss="sparse_categorical_crossentropy",
                                  steps_per_execution=args.steps_per_execution)
-        timer, sizes = stream.StepTimer(), stream.CallSizes(BATCH, n, steps)
+        timer, sizes = StepTimer(), experiment.CallSizes(BATCH, n, steps)
         models[name].fit(data, epochs=1, steps_per_epoch=steps_of(name), verbose=0,
                          shuffle=False, callbacks=[timer, sizes])
         warmup_calls = -(-FIT_WARMUP_STEPS // args.steps_per_execution)
-        return stream.input_rate(timer.seconds, [k for _, k in sizes.epochs[-1]], warmup_calls)
+        return experiment.input_rate(timer.seconds, [k for _, k in sizes.epochs[-1]], warmup_calls)
 
     rows = {}  # (name, kind) -> [images/s per pass], peak RSS MB
     peak = {}
@@ -210,7 +216,7 @@ def main():
                                  input_pass),
                                 ("fit", list(loaders), fit_pass)):
             for name in names:
-                with stream.PeakRSS() as rss:
+                with experiment.PeakRSS() as rss:
                     value = fn(name)
                 rows.setdefault((name, kind), []).append(value)
                 peak[name] = max(peak.get(name, 0), rss.mb)

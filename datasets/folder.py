@@ -3,30 +3,28 @@
 When the folder has `train/` and `validation/` (or `val/`) sub-trees, they are
 used as given; otherwise the recipe splits off a seeded validation set.
 
-Which files count is the stream recipe's rule (recipes/stream.py, "finding the
-images"), written again here because a recipe file imports nothing from this
-package: the same extensions, the same walk (sub-folders included, hidden
-files and folders ignored) and the same checks, so `--dataset=directory`
-trains on the same images whether a recipe asks for arrays or for the folder.
-A file that breaks the rule is skipped and reported with its reason, never a
-crash: a messy photo folder is not bad input.
+Which files count is the rule in experiments/image_folder.py, which the stream
+experiment scans with too: the same extensions, the same walk (sub-folders
+included, hidden files and folders ignored) and the same checks, so
+`--dataset=directory` trains on the same images whether a recipe asks for
+arrays or for the folder. A file that breaks the rule is skipped and reported
+with its reason, never a crash: a messy photo folder is not bad input.
 """
-import io
-import os
 import pathlib
-import struct
 import typing
-import zlib
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from datasets.errors import DataError
+from experiments import image_folder
+# The rule's names, as this module has always offered them.
+from experiments.image_folder import (FORMATS, bmp_problem, file_problem,  # noqa: F401
+                                      format_problem, png_problem, printable)
 
 # The extensions both of the stream recipe's loaders read (ImageDataGenerator and
-# tf.io.decode_image), and the formats tf.io.decode_image reads correctly.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-FORMATS = ("JPEG", "PNG", "BMP")
+# tf.io.decode_image).
+IMAGE_EXTENSIONS = image_folder.EXTENSIONS
 _VALIDATION_NAMES = ("validation", "val")
 
 
@@ -39,19 +37,9 @@ class Skipped(typing.NamedTuple):
         return f"{self.path}: {self.reason}"
 
 
-def printable(text):
-    """text on one printable line: bytes that are not UTF-8 and control characters escaped.
-
-    A file name may hold either; print(), a one-line error and JSON must not choke on it.
-    """
-    text = os.fsencode(text).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
 def class_folders(root):
     """Sorted visible sub-folders of root: the class names, as keras sorts them."""
-    return sorted(p for p in pathlib.Path(root).iterdir()
-                  if p.is_dir() and not p.name.startswith("."))
+    return [pathlib.Path(root) / name for name in image_folder.class_names_of(root)]
 
 
 def image_files(folder):
@@ -59,12 +47,7 @@ def image_files(folder):
 
     Hidden files and folders (.DS_Store, macOS ._name.jpg, .git) are ignored.
     """
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths += [os.path.join(dirpath, name) for name in sorted(filenames)
-                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
-    return paths
+    return image_folder.image_files(folder)[0]
 
 
 def _check_classes(root):
@@ -103,76 +86,6 @@ def find_tree(data_dir):
     return root, None
 
 
-def file_problem(path):
-    """Why `path` is not a file both loaders can open (or None), before reading it."""
-    if not os.path.isfile(path):  # a FIFO named x.jpg would block its reader forever
-        return "broken symbolic link" if os.path.islink(path) else "not a regular file"
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        return "file name is not valid UTF-8, which tf.data cannot take: rename the file"
-    return None
-
-
-def png_problem(data, mode):
-    """Why tf.io.decode_image would fail on, or misread, a PNG that Pillow reads (or None).
-
-    Pillow does not check the IDAT and IEND checksums and needs no IEND chunk;
-    libpng rejects such a file. A 16-bit grayscale PNG Pillow clips to white,
-    where tf.io.decode_image scales it to 8 bits.
-    """
-    if mode.startswith(("I", "F")):  # I;16: Pillow's 16-bit grey
-        return ("16-bit grayscale PNG: Pillow (ImageDataGenerator) clips it to white; "
-                "save it as 8-bit")
-    position = 8
-    while position + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, position)
-        end = position + 12 + length
-        if end > len(data) or zlib.crc32(data[position + 4:end - 4]) != int.from_bytes(
-                data[end - 4:end], "big"):
-            return f"PNG chunk {kind.decode('latin-1')} is truncated or corrupt (bad checksum)"
-        if kind == b"IEND":
-            return None
-        position = end
-    return "PNG file ends before its IEND chunk (truncated)"
-
-
-def bmp_problem(data, mode):
-    """Why tf.io.decode_image would fail on, or misread, a BMP that Pillow reads (or None).
-
-    TensorFlow reads only the bits per pixel from the header: it fails on 1-, 4-
-    and 16-bit, RLE-compressed and OS/2 files, reads an 8-bit file's palette
-    indices as grey levels, and 32-bit bit fields as BGRA whatever the masks say.
-    """
-    header_size, = struct.unpack_from("<I", data, 14)
-    bits, compression = struct.unpack_from("<HI", data, 28)
-    if header_size < 40:
-        return "OS/2 BMP: tf.io.decode_image cannot read it"
-    if (bits, compression) in ((24, 0), (32, 0)) or ((bits, compression) == (8, 0) and mode == "L"):
-        return None
-    if (bits, compression) == (32, 3) and struct.unpack_from("<III", data, 54) == (
-            0xFF0000, 0xFF00, 0xFF):
-        return None
-    if (bits, compression) == (8, 0):
-        return "8-bit BMP with a colour palette: tf.io.decode_image reads its indices as grey"
-    packing = {0: "", 1: ", RLE8-compressed", 2: ", RLE4-compressed", 3: ", bit fields"}
-    return (f"{bits}-bit BMP{packing.get(compression, f', compression {compression}')}: "
-            "tf.io.decode_image cannot read it")
-
-
-def format_problem(image, data):
-    """Why an image Pillow opened is not one both loaders read alike (or None)."""
-    # MPO is a camera's JPEG with more frames after the first; both loaders read the first.
-    image_format = "JPEG" if image.format == "MPO" else image.format
-    if image_format not in FORMATS:
-        return f"{image.format} data, not {'/'.join(FORMATS)}"
-    if image_format == "PNG":
-        return png_problem(data, image.mode)
-    if image_format == "BMP":
-        return bmp_problem(data, image.mode)
-    return None
-
-
 def to_pixels(image, image_size, channels):
     """uint8 [size, size, channels]; decoding happens here, so a broken file raises here."""
     image = image.convert("L" if channels == 1 else "RGB")
@@ -183,24 +96,7 @@ def to_pixels(image, image_size, channels):
 
 def read_image(path, image_size, channels):
     """(pixels, None), or (None, why it is skipped): never raises for a bad file."""
-    try:
-        problem = file_problem(path)
-        if problem is not None:
-            return None, problem
-        with open(path, "rb") as f:
-            data = f.read()
-        if not data:
-            return None, "empty file (0 bytes)"
-        with Image.open(io.BytesIO(data)) as image:
-            problem = format_problem(image, data)
-            if problem is not None:
-                return None, problem
-            return to_pixels(image, image_size, channels), None
-    except UnidentifiedImageError:
-        return None, "not an image file Pillow can identify"
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        message = str(e).strip()
-        return None, f"{type(e).__name__}: {message.splitlines()[0] if message else 'unreadable'}"
+    return image_folder.read_checked(path, lambda image: to_pixels(image, image_size, channels))
 
 
 def read_arrays(root, image_size, channels):

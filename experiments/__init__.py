@@ -57,7 +57,7 @@ What each exception means for the exit code (main.py)
 RECIPES = {
     "batch": ("experiments.batch",
               "batch size vs throughput and accuracy: the same model swept over batch sizes"),
-    "stream": ("recipes.stream",
+    "stream": ("experiments.stream",
                "image folders larger than memory: ImageDataGenerator vs tf.data, measured"),
     "mixed_precision": ("experiments.mixed_precision",
                         "mixed_float16 / mixed_bfloat16 policy, done safely, vs float32"),

@@ -231,11 +231,14 @@ class Data:
         self.folder = isinstance(data[0], (str, os.PathLike))
         self.config, self.seed = config, config.seed
         if self.folder:
+            from experiments import image_folder
+            from experiments import stream as stream_experiment
             from recipes import stream  # tf.data: only folders need TensorFlow
             self.stream = stream
-            self.train, self.val, _, _ = stream.check(stream_config(config), data, reference)
+            self.train, self.val, _, _ = stream_experiment.check(stream_config(config), data,
+                                                                 reference)
             self.n_train, self.num_classes = len(self.train.paths), len(self.train.class_names)
-            self.scale = 1.0 if stream.takes_0_255(reference) else 1 / 255
+            self.scale = 1.0 if image_folder.takes_0_255(reference) else 1 / 255
             self.train_dir = data[0]
         else:
             (self.x, self.y), (self.x_val, self.y_val) = data
@@ -286,8 +289,10 @@ class Data:
         size = self.config.image_size
         fits = self.n_train * size * size * 3 < ram_budget_mb(self.config) * 2**20 / 4
         self.tuned_cache = "memory" if fits else "none"
-        ds, cached = self.stream.tf_data_pipeline(self.train, size, batch_size, training=True,
+        ds, cached = self.stream.tf_data_pipeline(self.train.paths, self.train.labels, size,
+                                                  batch_size, training=True,
                                                   cache=self.tuned_cache, seed=self.seed)
+        ds = ds.repeat().prefetch(tf.data.AUTOTUNE)  # passes, as many as the steps need
         if cached is not None:
             self.stream.fill_cache(cached)  # decoded once, before any timing
         if self.scale == 1.0:  # the pipeline gives [0, 1]; your model takes 0-255
@@ -341,15 +346,15 @@ class Data:
     def validation_arrays(self, limit=512):
         if not self.folder:
             return self.x_val[:limit], self.y_val[:limit]
-        ds, _ = self.stream.tf_data_pipeline(self.val, self.config.image_size, limit,
-                                             training=False)
+        ds, _ = self.stream.tf_data_pipeline(self.val.paths, self.val.labels,
+                                             self.config.image_size, limit, training=False)
         x, y = next(iter(ds))
         return np.asarray(x) * (255.0 if self.scale == 1.0 else 1.0), np.asarray(y)
 
 
 def stream_config(config):
     """The stream recipe's Config for its folder checks, at this run's image size."""
-    from recipes import stream
+    from experiments import stream
     return stream.Config(image_size=config.image_size, batch_size=config.batch_size,
                          on_bad_image="skip", seed=config.seed)
 
@@ -516,7 +521,7 @@ class Probes:
         cache = self.data.tuned_cache
         code = ("ds = tf.data.Dataset.from_tensor_slices((x, y)).cache().shuffle(len(x))"
                 ".batch(batch_size).prefetch(tf.data.AUTOTUNE)" if not self.data.folder else
-                "ds, _ = recipes.stream.tf_data_pipeline(recipes.stream.scan_folder(DIR), "
+                "ds, _ = recipes.stream.tf_data_pipeline(paths, labels, "
                 f"{self.config.image_size}, batch_size, training=True, cache={cache!r})")
         cost = ("a memory cache of the decoded images: "
                 f"{self.data.n_train * self.config.image_size ** 2 * 3 / 2**20:,.0f} MB"
@@ -768,7 +773,7 @@ def check(config, data, model=None):
         if not has_tensorflow():
             raise ValueError("advise reads folders through tf.data: install tensorflow, or "
                              "pass arrays (--dataset=npz)")
-        from recipes import stream
+        from experiments import stream
         train, _, _, _ = stream.check(stream_config(config), data, model)
         num_classes = len(train.class_names)
     else:
@@ -796,8 +801,8 @@ def run(config, run_dir, data, model=None):
     try:
         keras.mixed_precision.set_global_policy("float32")
         if folder:
-            from recipes import stream
-            num_classes = len(stream.class_names_of(data[0]))
+            from experiments import image_folder
+            num_classes = len(image_folder.class_names_of(data[0]))
         else:
             num_classes = int(max(np.max(data[0][1]), np.max(data[1][1]))) + 1
         reference = reference_model(model, shape, num_classes, config)

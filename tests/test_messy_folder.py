@@ -1,6 +1,7 @@
 """A messy photo folder is not bad input: the two folder readers (datasets/folder.py for
-the arrays recipes, the stream recipe's scanner) keep and skip the same files for the same
-reasons, and every kept file reads alike in ImageDataGenerator, tf.data and the arrays.
+the arrays recipes, the stream experiment's scanner; both on experiments/image_folder.py's
+rules) keep and skip the same files for the same reasons, and every kept file reads alike in
+ImageDataGenerator, tf.data and the arrays.
 
 Each kind of file below was tried on all three readers (TensorFlow 2.21, Pillow 13); the
 comment says why it is kept or skipped.
@@ -210,6 +211,12 @@ def write_messy_folder(root):
 
 @pytest.fixture(scope="module")
 def stream():
+    from experiments import stream
+    return stream
+
+
+@pytest.fixture(scope="module")
+def recipe():
     from recipes import stream
     return stream
 
@@ -246,15 +253,17 @@ def test_both_readers_keep_and_skip_the_same_files_for_the_same_reasons(stream, 
     assert stream_reasons["a/dangling.jpg"] == "broken symbolic link"
 
 
-def test_every_kept_file_reads_alike_in_the_generator_tf_data_and_arrays(stream, messy, tmp_path):
+def test_every_kept_file_reads_alike_in_the_generator_tf_data_and_arrays(stream, recipe, messy,
+                                                                         tmp_path):
+    from experiments.image_folder import scan_folder
     root, kept, _ = messy
-    scan = stream.scan_folder(root, S)
+    scan = scan_folder(root, S)
     n = len(scan.paths)
     assert n == len(kept)
-    generator = stream.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
+    generator = recipe.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
                                       S, batch_size=n, shuffle=False)
     x_gen, y_gen = generator[0]
-    dataset, _ = stream.tf_data_pipeline(scan, S, n, training=False)
+    dataset, _ = recipe.tf_data_pipeline(scan.paths, scan.labels, S, n, training=False)
     batches = [(np.asarray(x), np.asarray(y)) for x, y in dataset.take(1)]
     assert len(batches) == 1 and batches[0][0].shape == (n, S, S, 3)  # no batch was dropped
     x_tf, y_tf = batches[0]

@@ -15,7 +15,7 @@ from test_stream import SIZE, TINY, write_tree
 
 @pytest.fixture(scope="module")
 def stream():
-    from recipes import stream
+    from experiments import stream
     return stream
 
 
@@ -110,7 +110,7 @@ TWO_CPU_REPLICAS = """
 import sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from recipes import stream
+from experiments import stream
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 m = stream.run(stream.Config(epochs=2, batch_size=2, image_size=32, warmup_steps=1,
                              input_batches=2), sys.argv[2], (sys.argv[1], None),
