@@ -42,10 +42,11 @@ Expect: on the default (mixed_precision's 260k-weight CNN, 8,000 64x64 shapes_ha
         nothing clears the noise (bfloat16 1.01x with BatchNorm) and advise says so.
         KERAS_BACKEND=jax: bfloat16 measures ~0.6x float32 on a dense model (XLA's
         CPU backend) and is not recommended.
-Copy:   the one recipe that is not drop-in alone: it composes mixed_precision's
-        choose_policy and under_policy, stream's tf.data pipeline (folders), prune's
-        size helpers and the measuring kit, so copy recipes/ whole and call
-        recipes.advise.run(Config(), "logs", data, model=your_model), data being
+Copy:   an experiment only, with no drop-in file of its own: it composes the recipes'
+        techniques (recipes.mixed_precision's choose_policy and under_policy,
+        recipes.stream's tf.data pipeline for folders, recipes.step_timer) with the
+        experiments' machinery. From this repository call
+        experiments.advise.run(Config(), "logs", data, model=your_model), data being
         ((x_train, y_train), (x_val, y_val)) arrays or (train_dir, val_dir or None).
         Arrays need no TensorFlow (JAX backend); folders read through tf.data.
 """

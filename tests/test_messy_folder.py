@@ -210,18 +210,6 @@ def write_messy_folder(root):
 
 
 @pytest.fixture(scope="module")
-def stream():
-    from experiments import stream
-    return stream
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    from recipes import stream
-    return stream
-
-
-@pytest.fixture(scope="module")
 def messy(tmp_path_factory):
     root = tmp_path_factory.mktemp("messy")
     kept, skipped = write_messy_folder(root)
@@ -253,17 +241,17 @@ def test_both_readers_keep_and_skip_the_same_files_for_the_same_reasons(stream, 
     assert stream_reasons["a/dangling.jpg"] == "broken symbolic link"
 
 
-def test_every_kept_file_reads_alike_in_the_generator_tf_data_and_arrays(stream, recipe, messy,
+def test_every_kept_file_reads_alike_in_the_generator_tf_data_and_arrays(stream, stream_dropin, messy,
                                                                          tmp_path):
     from experiments.image_folder import scan_folder
     root, kept, _ = messy
     scan = scan_folder(root, S)
     n = len(scan.paths)
     assert n == len(kept)
-    generator = recipe.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
+    generator = stream_dropin.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
                                       S, batch_size=n, shuffle=False)
     x_gen, y_gen = generator[0]
-    dataset, _ = recipe.tf_data_pipeline(scan.paths, scan.labels, S, n, training=False)
+    dataset, _ = stream_dropin.tf_data_pipeline(scan.paths, scan.labels, S, n, training=False)
     batches = [(np.asarray(x), np.asarray(y)) for x, y in dataset.take(1)]
     assert len(batches) == 1 and batches[0][0].shape == (n, S, S, 3)  # no batch was dropped
     x_tf, y_tf = batches[0]

@@ -49,18 +49,6 @@ def add_bad_and_odd_files(root):
 
 
 @pytest.fixture(scope="module")
-def stream():
-    from experiments import stream
-    return stream
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    from recipes import stream
-    return stream
-
-
-@pytest.fixture(scope="module")
 def image_folder():
     from experiments import image_folder
     return image_folder
@@ -119,14 +107,14 @@ def test_single_class_folder_is_an_error(stream, tmp_path):
         stream.run(stream.Config(**TINY), str(tmp_path / "run"), (root, None))
 
 
-def test_both_loaders_give_the_same_classes_and_pixels(stream, recipe, image_folder, tmp_path):
+def test_both_loaders_give_the_same_classes_and_pixels(stream, stream_dropin, image_folder, tmp_path):
     root = write_tree(tmp_path / "data", per_class=3)
     add_bad_and_odd_files(root)
     scan = image_folder.scan_folder(root, SIZE)
-    generator = recipe.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
+    generator = stream_dropin.generator_flow(stream.link_tree(scan, tmp_path / "view"), scan.class_names,
                                       SIZE, batch_size=len(scan.paths), shuffle=False)
     x_gen, y_gen = generator[0]
-    dataset, _ = recipe.tf_data_pipeline(scan.paths, scan.labels, SIZE, len(scan.paths),
+    dataset, _ = stream_dropin.tf_data_pipeline(scan.paths, scan.labels, SIZE, len(scan.paths),
                                          training=False)
     x_tf, y_tf = (np.asarray(t) for t in next(iter(dataset)))
     assert x_gen.shape == x_tf.shape == (9, SIZE, SIZE, 3)
@@ -137,13 +125,13 @@ def test_both_loaders_give_the_same_classes_and_pixels(stream, recipe, image_fol
     assert np.abs(x_gen - x_tf).mean() < 2 / 255
 
 
-def test_cache_is_complete_after_fill_and_reused_by_a_later_run(stream, recipe, image_folder,
+def test_cache_is_complete_after_fill_and_reused_by_a_later_run(stream, stream_dropin, image_folder,
                                                                tmp_path):
     root = write_tree(tmp_path / "data")
     scan = image_folder.scan_folder(root, SIZE)
     config = stream.Config(image_size=SIZE, cache=str(tmp_path / "cache"))
     dataset, cached = stream.tf_data_loader(scan, config, 4, True, "train", steps=3)
-    recipe.fill_cache(cached)
+    stream_dropin.fill_cache(cached)
     for path in map(pathlib.Path, scan.paths):  # from now on only the cache can serve them:
         stat = path.stat()  # zeros of the same size and mtime (the cache's key) are not a JPEG
         path.write_bytes(bytes(stat.st_size))
@@ -154,13 +142,13 @@ def test_cache_is_complete_after_fill_and_reused_by_a_later_run(stream, recipe, 
 
 
 @pytest.mark.parametrize("augment_with", ["fused", "layers"])
-def test_augment_changes_images_but_keeps_shape_and_range(recipe, image_folder, tmp_path,
+def test_augment_changes_images_but_keeps_shape_and_range(stream_dropin, image_folder, tmp_path,
                                                          augment_with):
     root = write_tree(tmp_path / "data", per_class=4)
     scan = image_folder.scan_folder(root, SIZE)
-    plain, _ = recipe.tf_data_pipeline(scan.paths, scan.labels, SIZE, 8, training=True,
+    plain, _ = stream_dropin.tf_data_pipeline(scan.paths, scan.labels, SIZE, 8, training=True,
                                        cache="memory", seed=1)
-    augmented, _ = recipe.tf_data_pipeline(scan.paths, scan.labels, SIZE, 8, training=True,
+    augmented, _ = stream_dropin.tf_data_pipeline(scan.paths, scan.labels, SIZE, 8, training=True,
                                            cache="memory", augment=True, seed=1,
                                            augment_with=augment_with)
     x_plain, x_aug = next(iter(plain))[0].numpy(), next(iter(augmented))[0].numpy()
@@ -169,17 +157,17 @@ def test_augment_changes_images_but_keeps_shape_and_range(recipe, image_folder, 
     assert np.abs(np.sort(x_aug, axis=None) - np.sort(x_plain, axis=None)).mean() > 1e-3
 
 
-def test_random_affine_geometry_flips_and_shifts_like_the_generator(recipe):
+def test_random_affine_geometry_flips_and_shifts_like_the_generator(stream_dropin):
     image = np.zeros((1, 9, 9, 1), np.float32)
     image[0, 2, 1, 0] = 1  # one bright pixel at row 2, column 1
     images = np.repeat(image, 64, axis=0)
-    flipped = recipe.RandomAffine(rotation=0, shift=0, zoom=0, seed=3)(images).numpy()
+    flipped = stream_dropin.RandomAffine(rotation=0, shift=0, zoom=0, seed=3)(images).numpy()
     # each image is either unchanged or mirrored left-right (column 1 -> column 7)
     same = np.all(np.isclose(flipped, images), axis=(1, 2, 3))
     mirrored = np.all(np.isclose(flipped, images[:, :, ::-1]), axis=(1, 2, 3))
     assert np.all(same | mirrored) and 0 < same.sum() < 64
     # shifts of at most 1/9 of the size move the pixel by at most one row and one column
-    shifted = recipe.RandomAffine(rotation=0, shift=1 / 9, zoom=0, horizontal_flip=False,
+    shifted = stream_dropin.RandomAffine(rotation=0, shift=1 / 9, zoom=0, horizontal_flip=False,
                                   seed=3)(images).numpy()
     rows, cols = np.nonzero(shifted[:, :, :, 0].max(axis=0) > 0.5)
     assert set(rows) <= {1, 2, 3} and set(cols) <= {0, 1, 2}
