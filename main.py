@@ -12,12 +12,27 @@ folder, which is kept with all it holds); 130 Ctrl-C (the folder is kept and
 marked INTERRUPTED).
 """
 import gc
+import re
 import sys
 
 
+# What TensorFlow puts before the line that explains an error raised in traced code.
+WRAPPERS = ("in user code:", "Graph execution error:")
+CAUSE = re.compile(r"^(\w+\.)*\w*(Error|Exception): ")
+
+
 def one_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The line that explains an error: its first, or, where TensorFlow wrapped it
+    ("in user code:" and a stack), the cause it names last."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].strip() not in WRAPPERS:  # less TensorFlow's "{{function_node ...}}" prefix
+        return re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0].strip())
+    causes = [line.strip() for line in lines if CAUSE.match(line.strip())]
+    plain = [line.strip() for line in lines[1:] if not line[0].isspace()
+             and not line.lstrip().startswith(("[[", "Detected at node"))]
+    return (causes or plain or lines)[-1].strip()
 
 
 def fail(message, code):
@@ -52,6 +67,9 @@ def prepare(argv):
 
 
 def main(argv):
+    from cli import quiet
+
+    quiet.each_warning_once()
     try:
         prepared = prepare(argv)
     except ValueError as e:
@@ -79,8 +97,9 @@ def main(argv):
             size = getattr(command.config, flag, "?")
             size = ",".join(map(str, size)) if isinstance(size, tuple) else size
             return fail(f"out of memory at --{flag}={size}: try a smaller --{flag} ({kept})", 1)
-        return fail(f"{type(e).__name__}: {one_line(e)} ({kept}; the traceback is in its "
-                    "error.txt)", 1)
+        line = one_line(e)
+        named = line if CAUSE.match(line) else f"{type(e).__name__}: {line}"
+        return fail(f"{named} ({kept}; the traceback is in its error.txt)", 1)
     return 0
 
 

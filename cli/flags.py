@@ -7,14 +7,13 @@ comment as its help. So a new knob in a recipe needs no edit here.
 import dataclasses
 import importlib
 import inspect
-import os
 import re
 import types
 import typing
 
 from absl import flags
 
-from cli import UsageError
+from cli import UsageError, quiet
 from experiments import RECIPES
 
 HELP_ARGS = {"--help", "-h", "-?", "--helpfull", "--helpshort"}
@@ -41,10 +40,12 @@ SHARED_FLAGS = {
                            "since a Lambda layer in it can run any Python code"),
     "model_code": (None, "a Python file that defines (and registers) the custom layers of "
                          "--model; it is imported before the model is loaded"),
+    "verbose": (False, "show TensorFlow's C++ start-up logging (hidden unless "
+                       "TF_CPP_MIN_LOG_LEVEL is set)"),
 }
 POSITIVE_INTS = ("epochs", "batch_size", "steps_per_epoch")
 INT_FLAGS = POSITIVE_INTS + ("seed",)
-BOOL_FLAGS = ("resume", "trust_model")
+BOOL_FLAGS = ("resume", "trust_model", "verbose")
 
 
 @dataclasses.dataclass
@@ -220,8 +221,9 @@ def parse(argv, usage):
         raise UsageError(f"--recipe is required; choose one of {', '.join(RECIPES)}")
     if name not in RECIPES:
         raise UsageError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
-    module = importlib.import_module(RECIPES[name][0])
+    with quiet.startup(quiet.wanted(argv)):  # TensorFlow's C++ start-up lines kept out
+        module = importlib.import_module(RECIPES[name][0])
+        quiet.start_devices()
     fv = flags.FlagValues()
     define_shared_flags(fv)
     converters = define_config_flags(module.Config, fv)

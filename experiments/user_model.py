@@ -40,18 +40,111 @@ def classifier_loss(model, num_classes):
         raise ValueError(f"the model ends in {units} sigmoid units (multi-label); these recipes "
                          "train one class per example: end it with softmax or logits")
     config = model.get_compile_config() or {}
-    metrics = ["accuracy"] + [keras.metrics.get(m) if isinstance(m, str) else
-                              keras.metrics.deserialize(m)
-                              for m in config.get("metrics") or [] if m != "accuracy"]
+    metrics = ["accuracy"] + [sparse_metric(m) for m in config.get("metrics") or []
+                              if m != "accuracy"]
     if getattr(model, "loss", None) is not None:
-        return model.loss, metrics, "its own compiled loss"
+        loss = keras.losses.get(model.loss) if isinstance(model.loss, (str, dict)) else model.loss
+        loss, form = fed_class_ids(loss, units, num_classes)
+        return loss, metrics, f"its own compiled loss ({loss_name(loss)}), labels {form}"
     if units == 1:
-        return keras.losses.BinaryCrossentropy(), metrics, "binary cross-entropy (a sigmoid unit)"
+        return (keras.losses.BinaryCrossentropy(), metrics,
+                "binary cross-entropy (a sigmoid unit), labels as class ids")
     if activation == "softmax":
         return (keras.losses.SparseCategoricalCrossentropy(), metrics,
-                "sparse categorical cross-entropy on its softmax output")
+                "sparse categorical cross-entropy on its softmax output, labels as class ids")
     return (keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics,
-            "sparse categorical cross-entropy from logits (its output has no softmax)")
+            "sparse categorical cross-entropy from logits (its output has no softmax), "
+            "labels as class ids")
+
+
+# Keras' losses that take a vector per example (one-hot, or smoothed) rather than a class id.
+ONE_HOT_LOSSES = {"categorical_crossentropy", "categorical_focal_crossentropy",
+                  "categorical_hinge", "kl_divergence", "poisson", "mean_squared_error",
+                  "mean_absolute_error", "squared_hinge", "hinge", "binary_crossentropy",
+                  "binary_focal_crossentropy", "log_cosh", "huber"}
+# A one-hot metric named by the user, and the one that reads class ids the same way.
+SPARSE_METRICS = {"categorical_accuracy": "sparse_categorical_accuracy",
+                  "top_k_categorical_accuracy": "sparse_top_k_categorical_accuracy",
+                  "categorical_crossentropy": "sparse_categorical_crossentropy"}
+
+
+def loss_name(loss):
+    loss = getattr(loss, "inner", loss)
+    return getattr(getattr(loss, "fn", loss), "__name__", None) or type(loss).__name__
+
+
+def sparse_metric(metric):
+    """A compiled metric (a name or its config) that reads the class ids the data holds."""
+    if isinstance(metric, str):
+        return keras.metrics.get(SPARSE_METRICS.get(metric, metric))
+    metric = keras.metrics.deserialize(metric)
+    name = getattr(metric, "name", "")
+    return keras.metrics.get(SPARSE_METRICS[name]) if name in SPARSE_METRICS else metric
+
+
+def expects_one_hot(loss, units, num_classes):
+    """Whether the loss wants a vector per example: Keras' own losses by their function's
+    name, anything else by a probe: a loss that fails on class ids and runs on one-hot
+    vectors wants one-hot vectors. One sigmoid unit always takes the class id."""
+    name = loss_name(loss)
+    if units == 1:  # one sigmoid unit: its target is the class id, 0 or 1
+        return False
+    if name in ONE_HOT_LOSSES:
+        return True
+    if name.startswith("sparse"):
+        return False
+    n = num_classes + 3  # not num_classes: ids of shape (n,) would broadcast against (n, n)
+    ids = np.arange(n) % num_classes
+    y_pred = np.full((n, units), 1 / units, "float32")
+    try:
+        keras.ops.convert_to_numpy(loss(ids, y_pred))
+        return False
+    except Exception:  # noqa: BLE001  (whatever a user's loss raises for the wrong form)
+        keras.ops.convert_to_numpy(loss(np.eye(units, dtype="float32")[ids], y_pred))
+        return True
+
+
+def fed_class_ids(loss, units, num_classes):
+    """(a loss that takes the class ids the data holds, the label form in words)."""
+    if expects_one_hot(loss, units, num_classes):
+        return OnClassIds(loss, one_hot=units), "one-hot encoded from the class ids for it"
+    if not isinstance(loss, keras.losses.Loss):  # a bare function, called by custom steps too
+        loss = OnClassIds(loss)
+    return loss, "as class ids"
+
+
+@keras.saving.register_keras_serializable(package="keras_gpu_recipes")
+class OnClassIds(keras.losses.Loss):
+    """A loss fed the class ids the data holds: one-hot encoded on the way in for a loss
+    that wants vectors (keras.io's `categorical_crossentropy`, with or without label
+    smoothing), shaped like the output for a bare function (as Keras' own loss classes
+    do). Compiled in the model, so every train step uses it: fit's, profile's, the
+    multi-worker loop's, advise's."""
+
+    def __init__(self, inner, one_hot=None, **kwargs):
+        kwargs.setdefault("name", loss_name(inner))
+        if isinstance(inner, keras.losses.Loss):
+            kwargs.setdefault("reduction", inner.reduction)
+        super().__init__(**kwargs)
+        self.inner, self.one_hot = inner, one_hot
+
+    def call(self, y_true, y_pred):
+        """Per-example losses; Loss.__call__ applies the sample weights and the reduction."""
+        if self.one_hot:
+            ids = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+            y_true = keras.ops.one_hot(ids, self.one_hot)
+        elif len(y_true.shape) == len(y_pred.shape) - 1 and y_pred.shape[-1] == 1:
+            y_true = keras.ops.expand_dims(y_true, -1)  # one sigmoid unit: (n,) -> (n, 1)
+        per_example = getattr(self.inner, "call", self.inner)  # a Loss's, or the function
+        return per_example(y_true, y_pred)
+
+    def get_config(self):
+        return {"inner": keras.losses.serialize(self.inner), "one_hot": self.one_hot,
+                "name": self.name, "reduction": self.reduction}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.losses.deserialize(config.pop("inner")), **config)
 
 
 def num_classes_of(data):

@@ -24,8 +24,10 @@ sys.path.insert(0, str(REPO))
 # (CI sets its own folder).
 os.environ.setdefault("KERAS_GPU_RECIPES_CACHE",
                       os.path.join(tempfile.gettempdir(), "keras-gpu-recipes-test-cache"))
-# Quiet TensorFlow's C++ logs in subprocesses; tests read stderr for one-line errors.
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+# Subprocesses see what a user sees: main.py quiets TensorFlow's C++ start-up itself unless
+# TF_CPP_MIN_LOG_LEVEL is set (cli/quiet.py), so the tests leave it unset.
+ENV = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+       "PYTHONUNBUFFERED": "1"}
 
 
 def run_cli(*args, cwd=REPO, timeout=300, env=None):

@@ -1,5 +1,6 @@
 """main.py as a user meets it: help, bad input, the run folder, TensorBoard."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -127,3 +128,74 @@ def test_metrics_write_that_fails_leaves_previous_file_and_no_temp(tmp_path):
         runs.write_json_atomically(target, circular)
     assert json.loads(target.read_text()) == {"val_accuracy": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+STARTUP_LINES = ("I0000", "W0000", "E0000", "WARNING: All log messages before absl",
+                 "To enable the following instructions")
+
+
+def test_a_healthy_first_screen_shows_no_tensorflow_startup_lines():
+    """TensorFlow prints oneDNN/CPU/CUDA lines while it loads, before any log level
+    applies; the CLI keeps them off stderr unless the user asks (--verbose or
+    TF_CPP_MIN_LOG_LEVEL)."""
+    quiet = run_cli("--recipe=advise", "--help")
+    assert quiet.returncode == 0 and "Flags of --recipe=advise" in quiet.stdout
+    assert quiet.stderr == "", quiet.stderr[:2000]
+    verbose = run_cli("--recipe=advise", "--help", "--verbose")
+    assert any(line.startswith(STARTUP_LINES) for line in verbose.stderr.splitlines()), \
+        "TensorFlow printed no start-up lines here, so the quiet check above proves nothing"
+
+
+def test_caught_stderr_keeps_every_line_that_is_not_startup_noise(capfd):
+    from cli import quiet
+    with quiet.startup():
+        os.write(2, b"I0000 00:00:1796436409.939686   23061 port.cc:153] oneDNN custom\n"
+                    b"E0000 00:00:1796436409.9 23061 cuda_executor.cc:1] failed call to cuInit\n"
+                    b"E0000 00:00:1796436409.9 23061 something.cc:9] a real failure\n"
+                    b"a warning of the user's own\n")
+    assert capfd.readouterr().err == ("E0000 00:00:1796436409.9 23061 something.cc:9] a real "
+                                      "failure\na warning of the user's own\n")
+
+
+def user_code_error():
+    """What TensorFlow raises for a TypeError inside traced code: "in user code:", the
+    stack, the cause last."""
+    import tensorflow as tf
+
+    loss = "sparse_categorical_crossentropy"  # a loss named by a string, called
+
+    @tf.function
+    def step(x):
+        return loss(x)
+
+    try:
+        step(tf.constant(1.0))
+    except TypeError as e:
+        return e
+
+
+def test_a_failure_line_names_the_cause_not_tensorflows_wrapper():
+    error = user_code_error()
+    assert str(error).startswith("in user code:")  # what the old first-line rule printed
+    assert main.one_line(error) == "TypeError: 'str' object is not callable"
+    import tensorflow as tf
+    try:
+        tf.ones((6,)) + tf.ones((6, 3))
+    except tf.errors.InvalidArgumentError as e:
+        assert main.one_line(e).startswith("Incompatible shapes: [6] vs. [6,3]")
+
+
+def test_a_keras_warning_is_printed_once_a_run(tmp_path):
+    """A model saved with jit_compile=True that XLA cannot compile (RandomZoom): Keras warns
+    each time the model is loaded, cloned or compiled; the run shows it once."""
+    import keras
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.RandomZoom(0.1),
+                              keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=True)
+    model.save(tmp_path / "jit.keras")
+    result = run_cli("--recipe=batch", "--batch_sizes=8", "--epochs=1", "--steps_per_epoch=2",
+                     f"--model={tmp_path / 'jit.keras'}", f"--logdir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("Model doesn't support `jit_compile=True`") == 1, result.stderr
