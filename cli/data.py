@@ -1,25 +1,11 @@
 """--dataset / --data_dir -> the data a recipe's DATA declares, through datasets/.
 
 With --model, the model's input decides the geometry: images are loaded at its
-height, width and channels, and reach it in the range its first layers expect
-(0-255 when it begins with Rescaling or Normalization, [0, 1] otherwise).
+height, width and channels, and reach it in the range it wants (0-255, [0, 1] or
+[-1, 1]: experiments.user_model.pixel_range decides from what the model does, and
+--pixel_range overrides it).
 """
 from cli import UsageError
-
-
-def first_layer(model):
-    """The model's first layer after its input."""
-    import keras
-
-    return next((layer for layer in model.layers
-                 if not isinstance(layer, keras.layers.InputLayer)), None)
-
-
-def starts_with_scaling(model):
-    """Whether the model's first layer rescales or normalizes pixels itself."""
-    import keras
-
-    return isinstance(first_layer(model), (keras.layers.Rescaling, keras.layers.Normalization))
 
 
 def model_geometry(model, path, dataset):
@@ -48,6 +34,9 @@ def load(command, model=None):
                              else getattr(module, "DEFAULT_DATASET", "shapes"))
     if spec["form"] == "arrays_or_directory":  # a folder as a folder, anything else as arrays
         spec["form"] = "directory" if dataset == "directory" else "arrays"
+    if fv.pixel_range != "auto" and (model is None or dataset == "npz"):
+        raise UsageError("--pixel_range goes with --model=FILE and images (the recipes' own "
+                         "models take [0, 1]; .npz arrays reach a model as they are)")
     if model is None or dataset == "npz":
         data = datasets.load(dataset, fv.data_dir, seed=fv.seed, **spec)
         return dataset, (check_npz_fits(model, command.model_path, data) if model else data)
@@ -64,13 +53,11 @@ def load(command, model=None):
                          **{**spec, "image_size": size, "channels": channels})
     if width is not None and width != size:
         data = tuple((_resize(x, (size, width)), y) for x, y in data)
-    if starts_with_scaling(model):
-        print(f"pixels reach --model in 0-255: it begins with a "
-              f"{type(first_layer(model)).__name__} layer")
-        data = tuple((x * 255, y) for x, y in data)
-    else:
-        print("pixels reach --model in [0, 1] (it does not begin with Rescaling/Normalization)")
-    return dataset, data
+    from experiments.pixels import PIXEL_RANGES, from_unit, pixel_range
+
+    wanted, _, why = pixel_range(model, fv.pixel_range)
+    print(f"pixels reach --model in {PIXEL_RANGES[wanted][0]}: {why}")
+    return dataset, tuple((from_unit(x, wanted), y) for x, y in data)  # the loaders give [0, 1]
 
 
 def check_npz_fits(model, path, data):

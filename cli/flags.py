@@ -40,12 +40,17 @@ SHARED_FLAGS = {
                            "since a Lambda layer in it can run any Python code"),
     "model_code": (None, "a Python file that defines (and registers) the custom layers of "
                          "--model; it is imported before the model is loaded"),
+    "pixel_range": ("auto", "the range pixels reach --model in: auto (from what it does: the "
+                            "first Rescaling or Normalization past its augmentation, or the "
+                            "range a keras.applications network was trained on; the output "
+                            "says which), 0_255, 0_1 or -1_1"),
     "verbose": (False, "show TensorFlow's C++ start-up logging (hidden unless "
                        "TF_CPP_MIN_LOG_LEVEL is set)"),
 }
 POSITIVE_INTS = ("epochs", "batch_size", "steps_per_epoch")
 INT_FLAGS = POSITIVE_INTS + ("seed",)
 BOOL_FLAGS = ("resume", "trust_model", "verbose")
+ENUM_FLAGS = {"pixel_range": ("auto", "0_255", "0_1", "-1_1")}
 
 
 @dataclasses.dataclass
@@ -118,6 +123,8 @@ def define_shared_flags(fv):
             flags.DEFINE_integer(name, default, help_text, flag_values=fv)
         elif name in BOOL_FLAGS:
             flags.DEFINE_boolean(name, default, help_text, flag_values=fv)
+        elif name in ENUM_FLAGS:
+            flags.DEFINE_enum(name, default, ENUM_FLAGS[name], help_text, flag_values=fv)
         else:
             flags.DEFINE_string(name, default, help_text, flag_values=fv)
 

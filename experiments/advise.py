@@ -63,6 +63,7 @@ import numpy as np
 from experiments.files import write_atomically
 from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
 from experiments.mixed_precision import batch_fetch_ms, build_model, has_tensorflow, peak_rss_mb
+from experiments.pixels import PIXEL_RANGES, from_unit, pixel_range
 from experiments.user_model import classifier_loss, fresh_model
 from recipes import mixed_precision
 from experiments import exports
@@ -99,6 +100,7 @@ class Config:
     image_size: int = 64  # square size folder images are read at (--model sets its own)
     learning_rate: float = 1e-3  # Adam's, when your model brings no compiled optimizer
     seed: int = 0  # initial weights of the default CNN, batch order
+    pixel_range: str = "auto"  # auto, 0_255, 0_1 or -1_1: what folder images reach your model in
 
     def __post_init__(self):
         if self.batch_size < 1 or self.repeats < 1 or self.image_size < 8:
@@ -232,14 +234,14 @@ class Data:
         self.folder = isinstance(data[0], (str, os.PathLike))
         self.config, self.seed = config, config.seed
         if self.folder:
-            from experiments import image_folder
             from experiments import stream as stream_experiment
             from recipes import stream  # tf.data: only folders need TensorFlow
             self.stream = stream
             self.train, self.val, _, _ = stream_experiment.check(stream_config(config), data,
                                                                  reference)
             self.n_train, self.num_classes = len(self.train.paths), len(self.train.class_names)
-            self.scale = 1.0 if image_folder.takes_0_255(reference) else 1 / 255
+            self.pixels, _, why = pixel_range(reference, config.pixel_range)
+            print(f"pixels reach the model in {PIXEL_RANGES[self.pixels][0]}: {why}")
             self.train_dir = data[0]
         else:
             (self.x, self.y), (self.x_val, self.y_val) = data
@@ -296,8 +298,9 @@ class Data:
         ds = ds.repeat().prefetch(tf.data.AUTOTUNE)  # passes, as many as the steps need
         if cached is not None:
             self.stream.fill_cache(cached)  # decoded once, before any timing
-        if self.scale == 1.0:  # the pipeline gives [0, 1]; your model takes 0-255
-            ds = ds.map(lambda x, y: (x * 255.0, y))
+        pixels = self.pixels
+        if pixels != "0_1":  # the pipeline gives [0, 1]; your model takes another range
+            ds = ds.map(lambda x, y: (from_unit(x, pixels), y))
         return ds
 
     def tuned(self, batch_size):
@@ -327,8 +330,8 @@ class Data:
         ds = keras.utils.image_dataset_from_directory(
             self.train_dir, image_size=(self.config.image_size,) * 2, batch_size=batch_size,
             seed=self.seed, verbose=False)
-        scale = self.scale
-        ds = ds.map(lambda x, y: (x * scale, y)) if scale != 1.0 else ds
+        pixels = self.pixels  # it gives 0-255
+        ds = ds.map(lambda x, y: (from_unit(x / 255.0, pixels), y)) if pixels != "0_255" else ds
         return ds.ignore_errors().repeat()
 
     def pool(self, limit):
@@ -350,7 +353,7 @@ class Data:
         ds, _ = self.stream.tf_data_pipeline(self.val.paths, self.val.labels,
                                              self.config.image_size, limit, training=False)
         x, y = next(iter(ds))
-        return np.asarray(x) * (255.0 if self.scale == 1.0 else 1.0), np.asarray(y)
+        return from_unit(np.asarray(x), self.pixels), np.asarray(y)
 
 
 def stream_config(config):

@@ -211,11 +211,3 @@ def split_scan(scan, fraction, seed):
 
     return part(order[n_val:]), part(order[:n_val])
 
-
-def takes_0_255(model):
-    """Whether the model's first layer (after its input) rescales or normalizes pixels
-    itself, so it wants them in 0-255 rather than the loaders' [0, 1]."""
-    import keras  # here, not at the top: datasets/ imports this file without Keras
-    first = next((layer for layer in model.layers
-                  if not isinstance(layer, keras.layers.InputLayer)), None)
-    return isinstance(first, (keras.layers.Rescaling, keras.layers.Normalization))

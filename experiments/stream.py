@@ -96,11 +96,12 @@ import tensorflow as tf
 
 from experiments.files import save_json
 from experiments.image_folder import (EXTENSIONS, class_names_of, printable, scan_folder,
-                                      split_scan, takes_0_255)
+                                      split_scan)
 from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs,
                                    latest_checkpoint, replica_count, restore)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                      log_text_summary)
+from experiments.pixels import PIXEL_RANGES, pixel_range
 from experiments.user_model import classifier_loss, fresh_model
 from recipes import stream
 from recipes.step_timer import StepTimer, steady, throughput
@@ -139,6 +140,7 @@ class Config:
     learning_rate: float = 1e-3  # Adam learning rate
     scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     seed: int = 0  # initial weights, shuffling, augmentation and the validation split
+    pixel_range: str = "auto"  # auto, 0_255, 0_1 or -1_1: the range images reach your model in
 
     def __post_init__(self):
         if self.loader not in LOADERS:
@@ -633,24 +635,27 @@ def format_table(results):
 
 def model_for_loaders(model, config, num_classes):
     """make() -> (model, loss, metrics): fresh copies from the same weights, taking the
-    loaders' [0, 1] images. model: None (this recipe's CNN), a keras.Model (copied,
-    never changed) or fn(input_shape, num_classes)."""
+    loaders' [0, 1] images, scaled in front of it to the range it wants (pixel_range()).
+    model: None (this recipe's CNN), a keras.Model (copied, never changed) or
+    fn(input_shape, num_classes)."""
     shape = (config.image_size, config.image_size, 3)
     if model is None:
-        reference, why = build_model(config.image_size, num_classes), None
+        reference, why, wanted = build_model(config.image_size, num_classes), None, "0_1"
     else:
         reference = model if isinstance(model, keras.Model) else model(shape, num_classes)
         why = classifier_loss(reference, num_classes)[2]
+        wanted, _, reason = pixel_range(reference, config.pixel_range)
         print(f"your model: {reference.count_params():,} weights; loss: {why}; images reach it "
-              + ("in 0-255 (it begins by rescaling them)" if takes_0_255(reference)
-                 else "in [0, 1]"))
+              f"in {PIXEL_RANGES[wanted][0]} ({reason})")
 
     def make():
         copy = fresh_model(reference, shape, num_classes)
         if why is None:
             return copy, "sparse_categorical_crossentropy", ["accuracy"]
-        if takes_0_255(reference):  # the loaders give [0, 1]: scale back up in front of it
-            copy = keras.Sequential([keras.Input(shape), keras.layers.Rescaling(255.0), copy])
+        if wanted != "0_1":  # the loaders give [0, 1]: x * 255 or x * 2 - 1 in front of it
+            _, low, high = PIXEL_RANGES[wanted]
+            copy = keras.Sequential([keras.Input(shape),
+                                     keras.layers.Rescaling(high - low, offset=low), copy])
         loss, metrics, _ = classifier_loss(reference, num_classes)
         return copy, loss, metrics
     return make, reference

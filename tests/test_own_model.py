@@ -109,8 +109,8 @@ def test_each_recipe_trains_a_copy_of_the_users_model_and_reports_its_size(
 
 def test_images_reach_a_model_that_rescales_them_in_0_255(cli_runs):
     results, _, _ = cli_runs
-    assert "pixels reach --model in 0-255: it begins with a Rescaling layer" in \
-        results["batch"].stdout
+    assert "pixels reach --model in 0-255: its layer 'rescaling" in results["batch"].stdout
+    assert "(Rescaling) scales them to [0, 1]" in results["batch"].stdout
     assert "images reach it in 0-255" in results["stream"].stdout
 
 
