@@ -48,7 +48,8 @@ from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_lo
                                    latest_checkpoint, replica_count, restore)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                      log_text_summary, scalar_pb, write_events)
-from experiments.user_model import classifier_loss, fresh_model, num_classes_of
+from experiments.user_model import (classifier_loss, fresh_model, num_classes_of,
+                                     save_with_users_loss, users_settings)
 from recipes import batch
 from recipes.step_timer import StepTimer, throughput
 
@@ -167,7 +168,7 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
     with distribution_scope(strategy):
         model, loss, metrics = make_model()
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                      metrics=metrics)
+                      metrics=metrics, **users_settings(model, ("steps_per_execution",)))
         if checkpoint:
             print(f"Resuming batch size {batch_size} after epoch {saved['epochs_done']} "
                   f"from {checkpoint}")
@@ -182,7 +183,8 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
                 EpochCheckpoint(checkpoint_dir, lambda: {"step_seconds": timer.seconds})])
     logs = final_logs(history, saved)
     check_finite(logs["loss"], batch_size, learning_rate)
-    write_atomically(os.path.join(log_dir, "model.keras"), model.save)
+    write_atomically(os.path.join(log_dir, "model.keras"),
+                     lambda partial: save_with_users_loss(model, partial))
     steps = config.steps_per_epoch or len(x_train) // global_batch
     # Custom Scalars: examples/s per epoch, a line per batch size
     log_per_epoch(log_dir, "batch/epoch_examples_per_sec", [

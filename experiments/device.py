@@ -76,7 +76,8 @@ import numpy as np
 
 from experiments.files import write_atomically
 from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
-from experiments.user_model import classifier_loss, fresh_model, num_classes_of
+from experiments.user_model import (classifier_loss, fresh_model, num_classes_of,
+                                     save_with_users_loss)
 from recipes.device import (accelerator_count, build_model, compare_costs, initial_weights,
                             metric_prefix, parse_prices, price_of)
 from recipes.device import train_job as timed_job
@@ -534,7 +535,8 @@ def save_for_workers(model, data, run_dir):
     loss, metrics, why = classifier_loss(reference, num_classes_of(data))
     copy = fresh_model(reference, x_train.shape[1:], num_classes_of(data))
     copy.compile(optimizer="sgd", loss=loss, metrics=metrics)
-    path = write_atomically(os.path.join(run_dir, "model.keras"), copy.save)
+    path = write_atomically(os.path.join(run_dir, "model.keras"),
+                           lambda partial: save_with_users_loss(copy, partial))
     print(f"your model: {copy.count_params():,} weights; loss: {why}; saved for the "
           f"workers as {path}")
     return path, copy.count_params()

@@ -52,7 +52,8 @@ from experiments.scale_out import (EpochCheckpoint, distribution_scope, latest_c
                                    replica_count, restore)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                     log_text_summary)
-from experiments.user_model import classifier_loss, num_classes_of
+from experiments.user_model import (classifier_loss, compile_settings, num_classes_of,
+                                     save_with_users_loss, users_settings)
 from recipes.mixed_precision import (PolicyGuard, accelerators, check_loss_scaling,
                                      check_output_float32, check_policy_applied, choose_policy,
                                      fastest_16bit_policy, global_policy, loss_scale,
@@ -170,7 +171,9 @@ def policy_models(model, config, input_shape, num_classes):
 
     def make(policy):
         loss, metrics, _ = classifier_loss(reference, num_classes)
-        return under_policy(reference, policy), loss, metrics
+        copy = under_policy(reference, policy)
+        copy.users_compile_settings = compile_settings(reference)
+        return copy, loss, metrics
     return make, reference
 
 
@@ -193,7 +196,8 @@ class Trainee:
             if config.cosine_decay:
                 learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
             self.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                               metrics=metrics)
+                               metrics=metrics,
+                               **users_settings(self.model, ("steps_per_execution",)))
             checkpoint, saved = latest_checkpoint(checkpoint_dir)
             if checkpoint:
                 restore(self.model, checkpoint)
@@ -424,7 +428,8 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         for t in trainees:  # Custom Scalars: a line per policy
             t.log_step_times(n // batch_size)
         os.makedirs(run_dir, exist_ok=True)  # a drop-in caller's folder may not exist yet
-        model_file = write_atomically(os.path.join(run_dir, f"{policy}.keras"), main.model.save)
+        model_file = write_atomically(os.path.join(run_dir, f"{policy}.keras"),
+                                      lambda partial: save_with_users_loss(main.model, partial))
     finally:
         keras.mixed_precision.set_global_policy(previous)
 

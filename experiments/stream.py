@@ -102,7 +102,7 @@ from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_lo
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                      log_text_summary)
 from experiments.pixels import PIXEL_RANGES, pixel_range
-from experiments.user_model import classifier_loss, fresh_model
+from experiments.user_model import classifier_loss, fresh_model, users_settings
 from recipes import stream
 from recipes.step_timer import StepTimer, steady, throughput
 
@@ -566,7 +566,8 @@ def fit_loader(name, loader, make_model, config, steps, n_train, run_dir, strate
     with distribution_scope(strategy), PeakRSS() as rss:
         model, loss, metrics = make_model()
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                      metrics=metrics, steps_per_execution=config.steps_per_execution)
+                      metrics=metrics, steps_per_execution=config.steps_per_execution,
+                      **users_settings(model, ("steps_per_execution",)))
         if checkpoint:
             print(f"Resuming --loader={name} after epoch {saved['epochs_done']} from "
                   f"{checkpoint}")

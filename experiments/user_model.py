@@ -10,8 +10,31 @@ def fresh_model(model, input_shape, num_classes):
     if isinstance(model, keras.Model):
         clone = keras.models.clone_model(model)
         clone.set_weights(model.get_weights())
+        clone.users_compile_settings = compile_settings(model)
         return clone
     return model(input_shape, num_classes)
+
+
+KEPT_SETTINGS = {"jit_compile": "auto", "steps_per_execution": 1}  # and Keras' defaults
+
+
+def compile_settings(model):
+    """The jit_compile and steps_per_execution the user compiled the model with, where they
+    differ from Keras' defaults."""
+    config = model.get_compile_config() or {}
+    return {k: config[k] for k, default in KEPT_SETTINGS.items()
+            if config.get(k, default) != default}
+
+
+def users_settings(copy, measured=()):
+    """What to pass to compile() so that a copy fresh_model made keeps the user's
+    jit_compile and steps_per_execution, but for those the experiment sets itself (it
+    says so: the user's choice is not dropped in silence)."""
+    settings = getattr(copy, "users_compile_settings", {})
+    for name in sorted(set(settings) & set(measured)):
+        print(f"your model's {name}={settings[name]} is not used here: this recipe sets "
+              f"{name} itself to time its steps (--recipe=advise measures yours)")
+    return {k: v for k, v in settings.items() if k not in measured}
 
 
 def output_activation(model):
@@ -145,6 +168,20 @@ class OnClassIds(keras.losses.Loss):
     @classmethod
     def from_config(cls, config):
         return cls(keras.losses.deserialize(config.pop("inner")), **config)
+
+
+def save_with_users_loss(model, path):
+    """model.save(path), its compile config naming the user's own loss, not the OnClassIds
+    around it: the file then loads where this repository is not installed."""
+    compiled = getattr(model, "_compile_config", None)  # compile()'s arguments, as Keras keeps them
+    loss = compiled.config.get("loss") if compiled is not None else None
+    if not isinstance(loss, OnClassIds):
+        return model.save(path)
+    compiled.config["loss"] = loss.inner
+    try:
+        return model.save(path)
+    finally:
+        compiled.config["loss"] = loss
 
 
 def num_classes_of(data):

@@ -3,13 +3,15 @@ compiled with (a string, a function or an object; sparse or one-hot; categorical
 binary or focal; from logits or not; with label smoothing) gets them in the form it
 expects, in every recipe's train step, and the output says which form."""
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
 from experiments.user_model import classifier_loss
-from helpers import only_run_dir, run_cli
+from helpers import ENV, only_run_dir, run_cli
 
 IDS = np.array([0, 2, 1, 2, 0, 1, 1])
 
@@ -102,3 +104,21 @@ def test_keras_io_convnet_with_its_one_hot_loss_trains_from_the_cli(recipe, flag
             "from the class ids for it") in result.stdout
     metrics = json.loads((only_run_dir(tmp_path / "runs", recipe) / "metrics.json").read_text())
     assert metrics["model_params"] == mnist_convnet().count_params()
+
+
+def test_a_model_trained_with_class_ids_is_saved_with_the_users_own_loss(tmp_path):
+    """The copy batch writes loads where this repository is not installed, compiled with the
+    loss the user wrote (the wrapper that fed it one-hot labels is not in the file)."""
+    mnist_convnet().save(tmp_path / "convnet.keras")
+    result = run_cli("--recipe=batch", "--batch_sizes=16", "--epochs=1", "--steps_per_epoch=2",
+                     f"--model={tmp_path / 'convnet.keras'}", f"--logdir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((only_run_dir(tmp_path / "runs", "batch") / "metrics.json").read_text())
+    load = subprocess.run(
+        [sys.executable, "-c", "import sys, keras; m = keras.models.load_model(sys.argv[1]); "
+                               "print(getattr(m.loss, '__name__', m.loss))",
+         saved["best_model_file"]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**ENV, "PYTHONPATH": str(tmp_path)})  # the repository is not importable there
+    assert load.returncode == 0, load.stderr[-2000:]
+    assert load.stdout.strip() == "categorical_crossentropy"
