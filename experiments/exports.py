@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from experiments.files import write_atomically
-from recipes.prune import all_layers, kernel_of, strip_pruning
+from recipes.prune import all_layers, strip_pruning, weight_matrices
 
 
 def gzip_bytes(path_or_bytes):
@@ -62,11 +62,17 @@ def to_tflite(model, quantize):
 
 
 def tflite_predict(flatbuffer, x):
-    """The TFLite model's outputs for x, one example at a time."""
+    """The TFLite model's outputs for x, one example at a time. A dimension the model
+    left open (None: tokens of any length, images of any size) takes x's: the input is
+    resized to one example of x before the tensors are allocated."""
     import tensorflow as tf
     with warnings.catch_warnings():  # "deprecated ... use ai_edge_litert": not installed here
         warnings.simplefilter("ignore", UserWarning)
         interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    inp = interpreter.get_input_details()[0]
+    shape = (1, *np.shape(x)[1:])
+    if tuple(inp["shape"]) != shape:
+        interpreter.resize_tensor_input(inp["index"], shape)
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     outputs = []
@@ -83,7 +89,13 @@ def write_bytes(path, data):
 
 
 def left_in_float(model):
-    """Names of the kernel layers model.quantize("int8") leaves in float: all but Dense
-    and EinsumDense (convolutions, for one)."""
-    return [layer.name for layer in all_layers(model) if kernel_of(layer) is not None
-            and not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+    """Names of the layers with weight matrices that a model.quantize("int8") left in float:
+    all but Dense, EinsumDense and Embedding (convolutions, for one)."""
+    return [layer.name for layer in all_layers(model)
+            if getattr(layer, "quantization_mode", None) is None and weight_matrices(layer)]
+
+
+def error_line(error):
+    """An exception as one line for a table and metrics.json: its type and first line."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:300]}"

@@ -1,17 +1,20 @@
 """Magnitude pruning for any Keras 3 model, on any backend, that really shrinks the file.
 
-Shows:  a mask per kernel, kept as an optimizer variable (a compiled JAX train step
-        carries it), and a kernel constraint, which Keras applies after every optimizer
-        update on every backend: on the schedule's steps it recomputes the mask from
-        the weights' magnitudes (tfmot's PolynomialDecay, or constant; optional m:n such
-        as 2:4, or blocks), and always multiplies the kernel by it, so pruned weights are
-        exact zeros and stay zero. (A callback cannot: inside fit the JAX trainer holds
-        the weights outside the model.) strip_pruning is a plain copy: no masks, no
-        constraints, no optimizer. Kernels under 1% of the model's stay dense by default.
+Shows:  a mask per weight matrix, kept as an optimizer variable (a compiled JAX train
+        step carries it), and a constraint on the variable, which Keras applies after
+        every optimizer update on every backend: on the schedule's steps it recomputes
+        the mask from the weights' magnitudes (tfmot's PolynomialDecay, or constant;
+        optional m:n such as 2:4, or blocks), and always multiplies the weights by it,
+        so pruned weights are exact zeros and stay zero. (A callback cannot: inside fit
+        the JAX trainer holds the weights outside the model.) strip_pruning is a plain
+        copy: no masks, no constraints, no optimizer. Prunes Dense, EinsumDense,
+        Conv1D/2D/3D and their Transpose, SeparableConv1D/2D (depthwise and pointwise
+        kernels), DepthwiseConv1D/2D and Embedding; by default the smallest layers,
+        together at most 1% of the model's weight matrices, stay dense.
 Run:    python main.py --recipe=prune            # the measured experiment around this file
 Expect: shapes data (6,000 28x28 images), Flatten-Dense(128)-Dense(64)-Dense(10), 80%:
         dense_128 and dense_64 reach exactly 0.800; accuracy 0.982 -> 0.978; .keras gzip
-        406,259 -> 124,485 bytes (3.26x) (TensorFlow, 2 CPU cores, ~15 s; JAX: 3.28x)
+        406,261 -> 124,488 bytes (3.26x) (TensorFlow, 2 CPU cores, ~15 s; JAX: 3.28x)
 Copy:   this file alone, then
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # your loss
             end = 4 * (len(x) // 64)  # 4 epochs of batch 64: the target reached by the end
@@ -20,10 +23,10 @@ Copy:   this file alone, then
             pruned, masks = prune_model(model, schedule, keras.optimizers.Adam(1e-3), loss)
             pruned.fit(x, y, batch_size=64, epochs=4, validation_data=(x_val, y_val))
             small = strip_pruning(pruned)  # your model's class, its zeros, no optimizer
-            per_layer, sparsity, _ = measure_sparsity(small, list(masks))  # 0.8 each
+            per_layer, sparsity, everything = measure_sparsity(small, list(masks))  # 0.8
             small.save("pruned.keras")  # gzip it: about 3x smaller than the dense file
-        Prunes Dense, EinsumDense, Conv1D/2D/3D and DepthwiseConv1D/2D kernels; `model`
-        is never changed. Save the stripped model: an optimizer's slots hide the zeros.
+        `model` is never changed. Save the stripped model: an optimizer's slots hide the
+        zeros. `everything`: the zeros' share of all the model's weight matrices.
 """
 import dataclasses
 
@@ -103,7 +106,7 @@ def magnitude_mask(weights, mask, sparsity, block_size=None, sparsity_m_by_n=Non
 
 
 class MagnitudeMask(keras.constraints.Constraint):
-    """A kernel's pruning, run by Keras after every optimizer update (on every backend).
+    """A weight matrix's pruning, run by Keras after every optimizer update (on every backend).
 
     On the schedule's steps it recomputes the mask from the weights; always it
     returns the weights times the mask, so pruned weights are exact zeros after
@@ -133,10 +136,11 @@ class MagnitudeMask(keras.constraints.Constraint):
 
 def prune_model(model, schedule, optimizer, loss, metrics=("accuracy",), layer_names=None,
                 block_size=None, sparsity_m_by_n=None):
-    """(a compiled copy of `model` that prunes while it trains, {layer name: mask}).
+    """(a compiled copy of `model` that prunes while it trains, {layer name: [its masks]}).
 
     `model` is never changed. The copy starts from its weights; fit it, then
-    strip_pruning() it. layer_names default: choose_layers(model).
+    strip_pruning() it. layer_names default: choose_layers(model). A layer has a
+    mask per weight matrix it prunes: two for a SeparableConv, one for the rest.
     """
     if layer_names is None:
         layer_names = choose_layers(model, sparsity_m_by_n=sparsity_m_by_n,
@@ -148,14 +152,19 @@ def prune_model(model, schedule, optimizer, loss, metrics=("accuracy",), layer_n
         copy.optimizer.build(copy.trainable_variables)
     masks = {}
     for layer in all_layers(copy):
-        if layer.name in layer_names:
-            kernel = kernel_of(layer)
-            masks[layer.name] = copy.optimizer.add_variable(
-                kernel.shape, initializer="ones", dtype=kernel.dtype,
-                name=f"prune_mask_{layer.name}")
-            kernel.constraint = MagnitudeMask(masks[layer.name], copy.optimizer.iterations,
-                                              schedule, block_size, sparsity_m_by_n,
-                                              kernel.constraint)
+        if layer.name not in layer_names:
+            continue
+        masks[layer.name] = []
+        for i, weights in enumerate(prunable_weights(layer)):
+            mask = copy.optimizer.add_variable(weights.shape, initializer="ones",
+                                               dtype=weights.dtype,
+                                               name=f"prune_mask_{layer.name}_{i}")
+            # The variable's own constraint: what a layer's kernel_constraint,
+            # depthwise_/pointwise_constraint or embeddings_constraint set, and what the
+            # optimizer applies after each update.
+            weights.constraint = MagnitudeMask(mask, copy.optimizer.iterations, schedule,
+                                               block_size, sparsity_m_by_n, weights.constraint)
+            masks[layer.name].append(mask)
     return copy, masks
 
 
@@ -168,29 +177,41 @@ def strip_pruning(model):
 
 
 def measure_sparsity(model, layer_names):
-    """({layer: share of exact zeros in its kernel}, that share over those kernels,
-    the share over every prunable kernel of the model)."""
+    """({layer: share of exact zeros in the weights it prunes}, that share over those
+    layers, the share over every weight matrix and kernel of the model: biases and
+    normalization aside, pruned or not)."""
     per_layer, zeros, total, model_zeros, model_total = {}, 0, 0, 0, 0
     for layer in all_layers(model):
-        kernel = kernel_of(layer)
-        if kernel is None:
-            continue
-        values = np.asarray(kernel)  # a Keras 3 or a tf_keras variable
-        model_zeros, model_total = model_zeros + int(np.sum(values == 0)), model_total + values.size
-        if layer.name in layer_names:
-            per_layer[layer.name] = float(np.mean(values == 0))
-            zeros, total = zeros + int(np.sum(values == 0)), total + values.size
+        values = [np.asarray(w) for w in weight_matrices(layer)]  # Keras 3 or tf_keras
+        n_zeros, size = sum(int(np.sum(v == 0)) for v in values), sum(v.size for v in values)
+        model_zeros, model_total = model_zeros + n_zeros, model_total + size
+        if layer.name in layer_names and size:
+            per_layer[layer.name] = n_zeros / size
+            zeros, total = zeros + n_zeros, total + size
     return per_layer, zeros / max(total, 1), model_zeros / max(model_total, 1)
 
 
-# --- which kernels to prune -------------------------------------------------------------
+# --- which weights to prune -------------------------------------------------------------
 
-PRUNABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
-            keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv1D,
-            keras.layers.DepthwiseConv2D)
-# Layers with weights that no one prunes by magnitude: not worth a "left dense" line.
-NOT_PRUNED = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
-              "Normalization", "InputLayer")
+_L = keras.layers
+PRUNED = (  # (layer classes, the attributes that hold the weights pruning thins out)
+    ((_L.SeparableConv1D, _L.SeparableConv2D), ("depthwise_kernel", "pointwise_kernel")),
+    ((_L.Embedding,), ("embeddings",)),
+    ((_L.Dense, _L.EinsumDense, _L.Conv1D, _L.Conv2D, _L.Conv3D, _L.Conv1DTranspose,
+      _L.Conv2DTranspose, _L.Conv3DTranspose, _L.DepthwiseConv1D, _L.DepthwiseConv2D),
+     ("kernel",)),
+)
+# The same for tf_keras layers (tfmot's models), by class name.
+TF_KERAS_PRUNED = {
+    **dict.fromkeys(("Dense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose",
+                     "Conv2DTranspose", "Conv3DTranspose"), ("kernel",)),
+    "DepthwiseConv2D": ("depthwise_kernel",), "Embedding": ("embeddings",),
+    **dict.fromkeys(("SeparableConv1D", "SeparableConv2D"), ("depthwise_kernel",
+                                                             "pointwise_kernel"))}
+# Layers whose weights are no weight matrices, whatever their shape (a Normalization
+# layer's mean can be 2-D).
+NOT_MATRICES = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
+                "RMSNormalization", "UnitNormalization", "Normalization", "InputLayer")
 
 
 def all_layers(model):
@@ -201,57 +222,99 @@ def all_layers(model):
     return found
 
 
-def kernel_of(layer):
-    """The weight tensor magnitude pruning thins out, or None where it does not apply.
+def prunable_weights(layer):
+    """The variables of `layer` that magnitude pruning thins out ([] for none).
+    Keras 3 and tf_keras layers alike."""
+    if type(layer).__module__.startswith("tf_keras"):
+        names = TF_KERAS_PRUNED.get(type(layer).__name__, ())
+    else:
+        names = next((attrs for kinds, attrs in PRUNED if isinstance(layer, kinds)), ())
+    found = [getattr(layer, name, None) for name in names]
+    return [w for w in found if hasattr(w, "assign")]  # built variables (LoRA: a tensor)
 
-    Works on Keras 3 layers (variables) and tf_keras layers (tfmot's models) alike.
-    """
-    kernel = getattr(layer, "kernel", None)
-    if kernel is None or not (isinstance(layer, PRUNABLE) or _is_tf_keras_prunable(layer)):
-        return None
-    return kernel
+
+def weight_matrices(layer):
+    """Every weight matrix and kernel of `layer`, biases and normalization aside: the
+    prunable ones, or for a layer this file does not prune (a custom one, say) each
+    weight of two or more dimensions that is not a bias."""
+    known = prunable_weights(layer)
+    if known or type(layer).__name__ in NOT_MATRICES:
+        return known
+    return [w for w in layer.weights if len(w.shape) >= 2 and "bias" not in w.name]
 
 
-def _is_tf_keras_prunable(layer):
-    return (type(layer).__module__.startswith("tf_keras")
-            and type(layer).__name__ in ("Dense", "Conv1D", "Conv2D", "Conv3D",
-                                         "DepthwiseConv2D"))
+def weight_shares(model):
+    """{layer name: its share of the model's weight matrices}, for each layer with any."""
+    sizes = {layer.name: sum(int(np.prod(w.shape)) for w in weight_matrices(layer))
+             for layer in all_layers(model)}
+    total = max(sum(sizes.values()), 1)
+    return {name: size / total for name, size in sizes.items() if size}
+
+
+def _why_dense(layer, trainable, sparsity_m_by_n, block_size):
+    """Why `layer` cannot be pruned, or None where it can."""
+    weights = prunable_weights(layer)
+    if not weights:
+        return "no weights this file prunes"
+    if not all(id(w) in trainable for w in weights):
+        return "frozen: trainable=False"
+    for shape in (tuple(w.shape) for w in weights):
+        if sparsity_m_by_n and (len(shape) < 2 or shape[-2] % sparsity_m_by_n[1]):
+            return (f"{sparsity_m_by_n[0]}:{sparsity_m_by_n[1]} groups along the input axis "
+                    f"do not fit {shape}")
+        if block_size and (len(shape) != 2 or shape[0] % block_size[0]
+                           or shape[1] % block_size[1]):
+            return f"{block_size[0]}x{block_size[1]} blocks do not tile {shape}"
+    return None
 
 
 def choose_layers(model, layer_names=None, min_share=0.01, sparsity_m_by_n=None,
                   block_size=None):
-    """(names of the layers to prune, {layer name: why it stays dense}).
+    """(names of the layers to prune, {layer name: (its share of the model's weight
+    matrices, why it stays dense)}).
 
-    Named layers if `layer_names` is given; otherwise every prunable kernel
-    that holds at least `min_share` of the model's kernel weights (a tiny first
-    conv saves nothing and costs accuracy). A layer whose kernel does not fit
-    the structure (m:n groups along its input axis, 2-D blocks) stays dense, as
-    does a weighted layer that has no such kernel.
+    Named layers if `layer_names` is given. Otherwise every prunable layer but the
+    smallest ones whose shares add up to at most `min_share` (a tiny first conv, or
+    a MobileNet's many tiny depthwise kernels, saves little and costs accuracy).
+    Layers whose weights do not fit the structure (m:n groups along the input
+    axis, 2-D blocks) or are frozen stay dense too, as do the weight matrices of
+    layers this file does not prune: each is listed with its share.
     """
-    layers = all_layers(model)
-    sizes = {layer.name: int(np.prod(kernel_of(layer).shape)) for layer in layers
-             if kernel_of(layer) is not None}
-    total = max(sum(sizes.values()), 1)
-    chosen, dense = [], {}
-    for layer in layers:
+    shares, candidates, dense = weight_shares(model), [], {}
+    trainable = {id(w) for w in model.trainable_weights}
+    for layer in all_layers(model):
         if layer_names is not None and layer.name not in layer_names:
             continue
-        kernel = kernel_of(layer)
-        if kernel is None:
-            if layer.weights and (layer_names or type(layer).__name__ not in NOT_PRUNED):
-                dense[layer.name] = f"{type(layer).__name__} has no kernel to prune by magnitude"
+        if layer.name not in shares:
+            if layer_names is not None:  # named, but it has no weight matrix
+                dense[layer.name] = (0.0, "no weight matrix to prune")
             continue
-        shape, share = tuple(kernel.shape), sizes[layer.name] / total
-        if layer_names is None and share < min_share:
-            dense[layer.name] = (f"holds {share:.1%} of the kernel weights, under "
-                                 f"--min_layer_share={min_share:g}: pruning it saves little")
-        elif sparsity_m_by_n and (len(shape) < 2 or shape[-2] % sparsity_m_by_n[1]):
-            dense[layer.name] = (f"{sparsity_m_by_n[0]}:{sparsity_m_by_n[1]} groups along the "
-                                 f"input axis do not fit its kernel {shape}")
-        elif block_size and (len(shape) != 2 or shape[0] % block_size[0]
-                             or shape[1] % block_size[1]):
-            dense[layer.name] = (f"{block_size[0]}x{block_size[1]} blocks do not tile its "
-                                 f"kernel {shape}")
+        why = _why_dense(layer, trainable, sparsity_m_by_n, block_size)
+        if why:
+            dense[layer.name] = (shares[layer.name], why)
         else:
-            chosen.append(layer.name)
-    return chosen, dense
+            candidates.append(layer.name)
+    if layer_names is None:
+        used = 0.0
+        for name in sorted(candidates, key=shares.get):  # the smallest first
+            if used + shares[name] > min_share * (1 + 1e-9):
+                break
+            used += shares[name]
+            dense[name] = (shares[name], f"the smallest, together <= {_percent(min_share)}")
+    return [name for name in candidates if name not in dense], dense
+
+
+def _percent(share):
+    return f"{100 * share:.2g}%"
+
+
+def dense_summary(dense):
+    """One line naming each layer left dense with its share, grouped by why."""
+    if not dense:
+        return "left dense: none"
+    groups = {}
+    for name, (share, why) in dense.items():
+        groups.setdefault(why, []).append(f"{name} {_percent(share)}")
+    total = sum(share for share, _ in dense.values())
+    return (f"left dense: {len(dense)} layer(s), {_percent(total)} of the weight matrices; "
+            + "; ".join(f"{why}: {', '.join(names)}" for why, names in groups.items()))

@@ -111,6 +111,57 @@ def check_a_users_functional_model_prunes_and_its_exports_reload():
         assert quantized["keras_int8_unquantized_layers"] == "conv_a, conv_b"  # convolutions
 
 
+def separable_model():
+    """SeparableConv2D, DepthwiseConv2D and BatchNormalization: an Xception/MobileNet block."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.SeparableConv2D(16, 3, padding="same", name="sep_a")(inputs)
+    x = keras.layers.Activation("relu")(keras.layers.BatchNormalization(name="bn_a")(x))
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="depthwise")(x)
+    x = keras.layers.BatchNormalization(name="bn_b")(x)
+    x = keras.layers.SeparableConv2D(32, 3, padding="same", name="sep_b")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x))
+
+
+def zeros_over_every_matrix(model):
+    """Exact zeros over every weight of 2+ dimensions (biases and BatchNorm are 1-D)."""
+    values = [keras.ops.convert_to_numpy(w) for w in model.weights if len(w.shape) >= 2]
+    return sum(int(np.sum(v == 0)) for v in values) / sum(v.size for v in values)
+
+
+def check_separable_and_depthwise_kernels_reach_the_target_over_all_weight_matrices():
+    copy, masks = pruned(separable_model(), None, sparsity=0.8)  # the default layer choice
+    assert [len(masks[name]) for name in ("sep_a", "depthwise", "sep_b")] == [2, 1, 2], masks
+    stripped = prune.strip_pruning(copy)
+    for name in ("sep_a", "sep_b"):  # both kernels of a SeparableConv2D
+        layer = stripped.get_layer(name)
+        for kernel in (layer.depthwise_kernel, layer.pointwise_kernel):
+            share = np.mean(keras.ops.convert_to_numpy(kernel) == 0)
+            assert abs(share - 0.8) < 0.06, (name, kernel.shape, share)  # 9 weights: 7/9
+    everything = zeros_over_every_matrix(stripped)
+    assert everything >= 0.75, everything
+    assert prune.measure_sparsity(stripped, list(masks))[2] == everything
+
+
+def check_embedding_on_variable_length_tokens_is_pruned_and_stays_pruned():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 40, (160, 12))
+    labels = (tokens.mean(axis=1) > 20).astype(np.int64)
+    inputs = keras.Input((None,), dtype="int32")  # any length, as keras.io's text models
+    x = keras.layers.Embedding(40, 16, name="embed")(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(x))
+    copy, masks = prune.prune_model(
+        model, prune.Schedule("polynomial", 0.5, 0.75, 0, 8, 2), keras.optimizers.Adam(1e-2),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert list(masks) == ["embed", "logits"], masks
+    copy.fit(tokens, labels, batch_size=8, epochs=1, steps_per_epoch=STEPS, verbose=0)
+    zeros = keras.ops.convert_to_numpy(copy.get_layer("embed").embeddings) == 0
+    copy.fit(tokens[:, :7], labels, batch_size=8, epochs=1, verbose=0)  # shorter: 20 more steps
+    after = keras.ops.convert_to_numpy(copy.get_layer("embed").embeddings)
+    assert np.mean(zeros) == 0.75 and np.all(after[zeros] == 0), np.mean(zeros)
+
+
 CHECKS = [value for name, value in sorted(globals().items()) if name.startswith("check_")]
 
 

@@ -14,7 +14,7 @@ from experiments import prune, prune_tfmot
 from experiments.exports import gzip_bytes
 from helpers import (ENV, REPO, error_lines, only_run_dir,
                      read_tensorboard_tags, run_cli, run_copy_example)
-from recipes.prune import Schedule, choose_layers
+from recipes.prune import Schedule, choose_layers, measure_sparsity
 
 # A user's own small model and data, trained as they would (TensorFlow blocked: JAX).
 COPY_SETUP = """
@@ -37,8 +37,9 @@ model.save("dense.keras")
 """
 COPY_CHECK = """
 assert "tensorflow" not in sys.modules and "tf_keras" not in sys.modules
-assert list(masks) == ["hidden"], masks  # the 72-weight conv and the 64-weight output stay dense
-assert abs(per_layer["hidden"] - 0.8) < 1e-3 and sparsity == per_layer["hidden"], per_layer
+assert list(masks) == ["conv", "hidden"], masks  # the 64-weight output (0.69%) stays dense
+assert abs(per_layer["hidden"] - 0.8) < 1e-3 and abs(sparsity - 0.8) < 1e-3, per_layer
+assert abs(everything - 0.8 * (1 - 64 / 9352)) < 1e-3, everything  # all 3 weight matrices
 assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # yours unchanged
 saved = keras.models.load_model("pruned.keras").get_layer("hidden").kernel
 assert np.mean(keras.ops.convert_to_numpy(saved) == 0) == per_layer["hidden"]  # zeros kept
@@ -62,11 +63,31 @@ def subprocesses(tmp_path_factory):
     jobs["jax"] = (subprocess.run, [sys.executable, "-c", "import prune_checks; prune_checks.main()"])
     for i, flag in enumerate(BAD_FLAGS):
         jobs[flag] = (run_cli, "--recipe=prune", flag, f"--logdir={tmp / f'bad{i}'}")
+    model_file, npz_file = text_classifier_files(tmp)
+    jobs["tokens"] = (run_cli, "--recipe=prune", f"--model={model_file}", "--dataset=npz",
+                      f"--data_dir={npz_file}", *TINY, f"--logdir={tmp / 'tokens'}")
     kwargs = {"jax": dict(cwd=REPO / "tests", capture_output=True, text=True, timeout=300,
                           env={**ENV, "KERAS_BACKEND": "jax"})}
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(*job, **kwargs.get(name, {})) for name, job in jobs.items()}
         yield futures, tmp
+
+
+def text_classifier_files(folder):
+    """keras.io's text classifier, small: token ids of any length (Input(shape=(None,))),
+    Embedding, a sigmoid unit; and a tiny .npz of 200-token reviews for it."""
+    inputs = keras.Input(shape=(None,), dtype="int64")
+    x = keras.layers.Embedding(100, 16, name="embed")(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="output")(x)).save(
+        folder / "text.keras")
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 100, (240, 200))
+    y = (x[:, :100].mean(axis=1) > x[:, 100:].mean(axis=1)).astype(np.int64)
+    np.savez(folder / "reviews.npz", x_train=x[:192], y_train=y[:192], x_val=x[192:],
+             y_val=y[192:])
+    return folder / "text.keras", folder / "reviews.npz"
 
 
 @pytest.mark.parametrize("check", prune_checks.CHECKS, ids=lambda c: c.__name__[6:])
@@ -89,8 +110,10 @@ def test_cli_headline_run_reaches_target_sparsity_and_really_shrinks_the_export(
     result = futures[engine].result()
     assert result.returncode == 0, result.stderr[-2000:]
     assert "baseline     pruned" in result.stdout and "per-layer kernel sparsity" in result.stdout
-    # The default layer choice leaves the 640-weight output layer (0.6%) dense, and says so.
-    assert "left dense: output (holds 0.6% of the kernel weights" in result.stdout
+    # The default layer choice leaves the 640-weight output layer (0.59%) dense, and says so.
+    dense = [line for line in result.stdout.splitlines() if line.startswith("left dense")]
+    assert dense == ["left dense: 1 layer(s), 0.59% of the weight matrices; the smallest, "
+                     "together <= 1%: output 0.59%"], dense
     run_dir = only_run_dir(tmp / engine, "prune")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["engine"] == engine
@@ -129,6 +152,61 @@ def test_keras_engine_also_exports_keras_int8_and_names_what_it_left_in_float(su
     assert metrics["keras_int8_gzip_bytes"] < metrics["pruned_gzip_bytes"] / 2
 
 
+def test_embedding_on_variable_length_tokens_prunes_and_exports_through_the_cli(subprocesses):
+    futures, tmp = subprocesses
+    result = futures["tokens"].result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((only_run_dir(tmp / "tokens", "prune") / "metrics.json").read_text())
+    assert metrics["sparsity_embed"] == pytest.approx(0.8, abs=0.005)  # its embeddings
+    # TFLite takes the 200-token reviews: its input is resized to them, then checked
+    assert metrics["tflite_reload_matches"] and metrics["tflite_quant_reload_matches"]
+    assert not [key for key in metrics if key.endswith("_error")], metrics
+    assert metrics["keras_int8_unquantized_layers"] == "none"  # Embedding and Dense: int8
+
+
+def test_an_export_that_fails_is_reported_and_the_run_keeps_going(tmp_path, monkeypatch):
+    model, _ = prune.build_model((28, 28, 1), 10)
+    x = np.zeros((4, 28, 28, 1), "float32")
+
+    def no_tflite(model, quantize):
+        raise ValueError("op not supported\nwith a long TensorFlow trace")
+
+    monkeypatch.setattr(prune, "to_tflite", no_tflite)
+    assert prune.export_tflite(model, str(tmp_path), x) == {
+        "tflite_error": "not made: ValueError: op not supported",
+        "tflite_quant_error": "not made: ValueError: op not supported"}
+    monkeypatch.setattr(keras.Model, "quantize", lambda self, *args, **kwargs: 1 / 0)
+    assert prune.keras_int8(model, str(tmp_path), x, np.zeros(4)) == {
+        "keras_int8_error": "not made: ZeroDivisionError: division by zero"}
+
+
+def test_many_small_layers_are_named_in_one_line_and_the_rest_reach_the_target(
+        tiny_images, tmp_path, capsys):
+    """MobileNet-like: 25 small convolutions, each under 1% of the weight matrices (the old
+    rule left each dense, with a line each), then a Dense layer with 96% of them."""
+    def build(input_shape, num_classes):
+        x = inputs = keras.Input(input_shape)
+        x = keras.layers.Conv2D(4, 3, strides=2, name="stem")(x)  # 36 weights
+        for i in range(12):
+            x = keras.layers.DepthwiseConv2D(3, padding="same", name=f"dw_{i}")(x)  # 36
+            x = keras.layers.Conv2D(4, 1, name=f"pw_{i}")(x)  # 16
+        x = keras.layers.Dense(32, name="hidden")(keras.layers.Flatten()(x))  # 21,632
+        return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x))  # 320
+
+    model = build((28, 28, 1), 10)
+    config = prune.Config(epochs=2, batch_size=16, final_sparsity=0.8)
+    result = prune.prune_and_finetune(model, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), tiny_images, config, 0.8, str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("left dense")]
+    assert len(lines) == 1, lines  # one line, not one per layer
+    dense = result["left_dense"]
+    assert sorted(dense) == sorted(f"pw_{i}" for i in range(12))  # the smallest: 0.85% in all
+    assert all(f"{name} 0.071%" in lines[0] for name in dense), lines
+    assert len(result["per_layer"]) == 15  # the stem, the 12 depthwise, hidden and logits
+    assert result["model_sparsity"] >= 0.75
+
+
 def test_bad_flags_are_one_line_errors(subprocesses):
     futures, tmp = subprocesses
     for i, (flag, words) in enumerate(BAD_FLAGS.items()):
@@ -158,14 +236,47 @@ def test_schedule_follows_tfmots_polynomial_decay():
 def test_default_layer_choice_leaves_tiny_kernels_dense_and_lists_what_cannot_be_pruned():
     guide, _ = prune.build_model((28, 28, 1), 10, "conv")
     names, dense = choose_layers(guide)
-    assert names == ["output"] and "conv" in dense and "0.5%" in dense["conv"]  # 108 weights
+    assert names == ["output"] and list(dense) == ["conv"]
+    assert dense["conv"][0] == pytest.approx(108 / (108 + 20280))  # its share: 0.53%
     odd = keras.Sequential([keras.Input((6,)), keras.layers.Embedding(10, 4, name="embed"),
                             keras.layers.Flatten(), keras.layers.Dense(8, name="hidden"),
-                            keras.layers.BatchNormalization(name="bn")])
+                            keras.layers.BatchNormalization(name="bn"), Gate(name="custom")])
     names, dense = choose_layers(odd, min_share=0)
-    assert names == ["hidden"]
-    assert dense == {"embed": "Embedding has no kernel to prune by magnitude"}  # BN: not listed
+    assert names == ["embed", "hidden"]  # an Embedding is pruned too
+    # BN holds no weight matrix: not listed; a layer this file does not prune is, with its share
+    assert dense == {"custom": (pytest.approx(64 / 296), "no weights this file prunes")}
     assert "bn" in choose_layers(odd, layer_names=("bn", "hidden"))[1]  # unless named
+
+
+class Gate(keras.layers.Layer):
+    """A user's own layer with an 8x8 weight matrix and a bias."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 8), name="w")
+        self.b = self.add_weight(shape=(8,), name="bias")
+
+    def call(self, x):
+        return x @ self.w + self.b
+
+
+def test_model_sparsity_counts_every_weight_matrix_and_kernel():
+    """Zeros over every kernel of every layer, pruned or not; biases and BatchNorm aside."""
+    inputs = keras.Input((10,))
+    x = keras.layers.Embedding(20, 4, name="embed")(inputs)  # 80
+    x = keras.layers.SeparableConv1D(8, 3, name="sep")(x)  # 12 depthwise + 32 pointwise
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Flatten()(x)
+    x = Gate(name="custom")(keras.layers.Dense(8, name="hidden")(x))  # 512, then 64
+    model = keras.Model(inputs, x)
+    zeros = {"embeddings": 40, "depthwise_kernel": 6, "pointwise_kernel": 16, "kernel": 256,
+             "w": 32, "bias": 3, "gamma": 8, "beta": 4}
+    for w in model.weights:
+        values = np.ones(w.shape, "float32").ravel()
+        values[:zeros.get(w.name, 0)] = 0
+        w.assign(values.reshape(w.shape))
+    per_layer, measured, everything = measure_sparsity(model, ["sep"])
+    assert per_layer == {"sep": 22 / 44} and measured == 22 / 44
+    assert everything == (40 + 6 + 16 + 256 + 32) / (80 + 12 + 32 + 512 + 64)
 
 
 def test_tfmot_clustering_after_pruning_keeps_the_zeros_and_shares_values(tiny_images):
