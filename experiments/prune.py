@@ -106,7 +106,7 @@ from experiments.prune_tfmot import (tfmot_cluster, tfmot_log_final_sparsity, tf
 from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs,
                                    latest_checkpoint, replica_count, restore)
 from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
-from experiments.user_model import classifier_loss, fresh_model, num_classes_of
+from experiments.user_model import classifier_loss, fresh_model, num_classes_of, users_settings
 from recipes import prune
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
@@ -495,7 +495,8 @@ def baseline_model(config, data, model, replicas=1):
     user = model if isinstance(model, keras.Model) else model(shape, classes)
     loss, metrics, why = classifier_loss(user, classes)
     copy = fresh_model(user, shape, classes)
-    copy.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
+    copy.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics,
+                 **users_settings(copy))
     print(f"your model, {user.count_params():,} weights; loss: {why}")
     return copy, loss, config.baseline_epochs or 0, "your model"
 

@@ -147,7 +147,9 @@ def prune_model(model, schedule, optimizer, loss, metrics=("accuracy",), layer_n
                                     block_size=block_size)[0]
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    copy.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    kept = {k: v for k, v in (model.get_compile_config() or {}).items()
+            if k in ("jit_compile", "steps_per_execution")}  # as the model was compiled
+    copy.compile(optimizer=optimizer, loss=loss, metrics=list(metrics), **kept)
     if not copy.optimizer.built:
         copy.optimizer.build(copy.trainable_variables)
     masks = {}
