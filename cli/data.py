@@ -42,7 +42,8 @@ def load(command, model=None):
         return dataset, (check_npz_fits(model, command.model_path, data) if model else data)
     height, width, channels = model_geometry(model, command.model_path, dataset)
     if spec["form"] == "directory":  # the recipe decodes the images itself, square and RGB
-        if height is None or height != width or channels != 3:
+        if height is None or height != width or channels not in getattr(
+                command.module, "FOLDER_CHANNELS", (3,)):
             raise UsageError(f"--model={command.model_path} takes {(height, width, channels)} "
                              f"inputs; --recipe={command.name} feeds square RGB images")
         command.config = _with_image_size(config, height)

@@ -20,6 +20,8 @@ DATA          what the recipe trains on: {"form": "arrays" | "directory" |
               "image_size", "channels", "examples": (n_train, n_val)} (see
               datasets/__init__.py); Config.image_size/.channels override it.
 DEFAULT_DATASET  optional, only where the default is not the generated `shapes`.
+FOLDER_CHANNELS  optional, for a "directory" recipe: the --model input channels it
+              feeds (default 3, RGB).
 HEADLINE      the metric names printed at the end of a run.
 RESUMABLE     optional, True when run() continues a killed run found in its
               run folder (per-epoch checkpoints): --resume is accepted.

@@ -109,6 +109,7 @@ from recipes.step_timer import StepTimer, steady, throughput
 
 # What main.py feeds this recipe: a class-folder tree of 150x150 RGB JPEGs.
 DATA = {"form": "directory", "image_size": 150, "channels": 3, "examples": (1000, 200)}
+FOLDER_CHANNELS = (1, 3)  # --model's channels it feeds: gray models get rgb_to_gray in front
 HEADLINE = ("generator_input_images_per_sec", "tf_data_input_images_per_sec",
             "generator_train_images_per_sec", "tf_data_train_images_per_sec", "speedup",
             "generator_val_accuracy", "tf_data_val_accuracy", "skipped_files", "wall_time_s")
@@ -357,12 +358,13 @@ def check(config, data, model=None, strategy=None):
         _remembered.clear()  # a failed check leaves nothing behind
         result = find_images(train_dir, val_dir, config)
         _remembered.update(key=key, result=result)
-    if isinstance(model, keras.Model):  # yours: it must take RGB images and classify these
+    if isinstance(model, keras.Model):  # yours: it must take images and classify these
         classifier_loss(model, len(_remembered["result"][0].class_names))
         shape = tuple(model.inputs[0].shape[1:])
-        if shape[-1] != 3 or any(d not in (None, config.image_size) for d in shape[:2]):
+        sizes = (d not in (None, config.image_size) for d in shape[:2])
+        if shape[-1] not in FOLDER_CHANNELS or any(sizes):
             raise ValueError(f"the model takes inputs shaped {shape}; this recipe feeds it "
-                             f"{config.image_size}x{config.image_size} RGB images "
+                             f"{config.image_size}x{config.image_size} RGB or gray images "
                              "(--image_size sets the size)")
     train, val = _remembered["result"][:2]
     step_sizes(len(train.paths), len(val.paths), config, strategy)  # enough images a step
@@ -653,13 +655,28 @@ def model_for_loaders(model, config, num_classes):
         copy = fresh_model(reference, shape, num_classes)
         if why is None:
             return copy, "sparse_categorical_crossentropy", ["accuracy"]
-        if wanted != "0_1":  # the loaders give [0, 1]: x * 255 or x * 2 - 1 in front of it
+        front = []  # the loaders give RGB in [0, 1]: what the model takes, in front of it
+        if reference.inputs[0].shape[-1] == 1:
+            front.append(rgb_to_gray())
+        if wanted != "0_1":  # x * 255 or x * 2 - 1
             _, low, high = PIXEL_RANGES[wanted]
-            copy = keras.Sequential([keras.Input(shape),
-                                     keras.layers.Rescaling(high - low, offset=low), copy])
+            front.append(keras.layers.Rescaling(high - low, offset=low))
+        if front:
+            settings = copy.users_compile_settings
+            copy = keras.Sequential([keras.Input(shape), *front, copy])
+            copy.users_compile_settings = settings
         loss, metrics, _ = classifier_loss(reference, num_classes)
         return copy, loss, metrics
     return make, reference
+
+
+def rgb_to_gray():
+    """A frozen 1x1 convolution from RGB to luma (ITU-R 601, as PIL's convert("L")): the
+    loaders decode RGB, and a model of gray images gets one channel."""
+    layer = keras.layers.Conv2D(1, 1, use_bias=False, trainable=False, name="rgb_to_gray")
+    layer.build((None, None, None, 3))
+    layer.set_weights([np.array([0.299, 0.587, 0.114], "float32").reshape(1, 1, 3, 1)])
+    return layer
 
 
 def run(config, run_dir, data, strategy=None, fit=None, model=None):
