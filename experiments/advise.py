@@ -17,31 +17,43 @@ with its defaults for a folder), alternating in one process:
   4. compilation: jit_compile flipped from Keras' default, and steps_per_execution
      1 against --steps_per_execution;
   5. size (no training): the saved model in float32 and after Keras' own
-     model.quantize("int8"), the layers it left in float, the prune recipe's command.
+     model.quantize("int8"), the layers it left in float, the prune recipe's command;
+  6. backend (experiments/advise_backend.py): your model, saved, timed on every installed
+     Keras backend, each in a process of its own, alternating, on the same examples and
+     batch; the fastest other one is a change (KERAS_BACKEND=...) like the others.
 A change is recommended only when its gain clears the noise: the median speedup over
-the repeats at least 1 + --noise, and every repeat faster but one in five. The recommendations are
-ranked by what each would give end to end alone. Then the proof: all of them applied
-together to a fresh copy, timed against the untouched baseline, alternating, beside
-the prediction. The prediction composes the gains as the bottlenecks do: compute
-changes shrink the train step, the input pipeline's time partly overlaps it (the
-overlap is fitted from the baseline), so a faster pipeline saves nothing once the
-step is compute-bound.
+the repeats at least 1 + --noise, and every repeat faster but one in five. The
+recommendations are ranked by what each would give end to end alone. Then two proofs.
+Time to accuracy (experiments/advise_accuracy.py): the baseline and the advice trained
+from the same weights in the same order for --proof_epochs, validated 4x per epoch, a
+larger batch at a learning rate scaled by a stated rule; the seconds each takes to the
+baseline's best accuracy less --accuracy_tolerance; a change that misses it is found
+(proved again without it) and demoted. Throughput: what is still advised (the backend
+aside) applied together to a fresh copy, timed against the untouched baseline,
+alternating, beside the prediction. The prediction composes the gains as the
+bottlenecks do: compute changes shrink the train step, the input pipeline's time partly
+overlaps it (the overlap is fitted from the baseline), so a faster pipeline saves
+nothing once the step is compute-bound. The report is experiments/advise_report.py.
 Run:    python main.py --recipe=advise          # mixed_precision's CNN on its default data
         python main.py --recipe=advise --model=my_model.keras --data_dir=my_photos/
         KERAS_BACKEND=jax python main.py --recipe=advise
 Expect: on the default (mixed_precision's 260k-weight CNN, 8,000 64x64 shapes_hard
-        arrays, 2 CPU cores with AMX-BF16, TensorFlow, ~3 min), measured: input wait 0%
-        (arrays); mixed_bfloat16 1.61x the train step (spread 1.41-1.70), outputs
-        within 0.00024, as choose_policy's rule says; batch 64 1.06x, 128 no further
-        gain; jit_compile=True 0.68x and steps_per_execution=16 1.03x: not worth it;
+        arrays, 2 shared CPU cores with AMX-BF16, TensorFlow, ~5 min), measured: input
+        wait 7% (arrays); mixed_bfloat16 2.68x the train step (spread 2.10-2.99), outputs
+        within 0.00024, as choose_policy's rule says; batch 64 1.17x; jit_compile=True
+        0.65x and steps_per_execution=16 1.02x: not worth it; JAX 0.36x TensorFlow;
         int8 quantize leaves the four convolutions in float (912 kB vs 959 kB gzip).
-        Proof: combined speedup 1.79x (predicted 1.71x), 461 -> 812 examples/s. On a
-        user-style ResNet with BatchNorm reading 2,000 cat/dog JPEGs at 64x64
-        (benchmarks/advise.py): input wait 31%, the tuned pipeline 1.32x, batch 64,
-        bfloat16 and steps_per_execution together 1.84x (predicted 2.25x); at 128x128
-        nothing clears the noise (bfloat16 1.01x with BatchNorm) and advise says so.
-        KERAS_BACKEND=jax: bfloat16 measures ~0.6x float32 on a dense model (XLA's
-        CPU backend) and is not recommended.
+        Time to accuracy: batch 64 (Adam at sqrt(2)x the rate) with bfloat16 reached
+        0.655 in 2 epochs against the baseline's best 0.8245 and was demoted; bfloat16
+        alone reached 0.8195 in 22.9 s against the baseline's 31.9 s (1.40x; 1.69-3.60x
+        on other runs of this shared machine). Throughput proof: combined speedup 2.63x
+        (predicted 2.41x). KERAS_BACKEND=jax: KERAS_BACKEND=tensorflow ranks first,
+        2.88x; bfloat16 measures ~0.6x float32 on a dense model (XLA's CPU backend)
+        and is not recommended. On a user-style ResNet with BatchNorm reading 2,000
+        cat/dog JPEGs at 64x64 (benchmarks/advise.py): input wait 29%, the tuned
+        pipeline and steps_per_execution together 1.32x (predicted 1.97x), time to
+        accuracy 1.94x, but that network is near chance (0.55) after 2 epochs; at
+        128x128 nothing clears the noise (bfloat16 1.01x with BatchNorm).
 Copy:   an experiment only, with no drop-in file of its own: it composes the recipes'
         techniques (recipes.mixed_precision's choose_policy and under_policy,
         recipes.stream's tf.data pipeline for folders, recipes.step_timer) with the
@@ -53,20 +65,16 @@ Copy:   an experiment only, with no drop-in file of its own: it composes the rec
 import dataclasses
 import math
 import os
-import re
 import time
-import warnings
 
 import keras
 import numpy as np
 
-from experiments.files import write_atomically
-from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
 from experiments.mixed_precision import batch_fetch_ms, build_model, has_tensorflow, peak_rss_mb
 from experiments.pixels import PIXEL_RANGES, from_unit, pixel_range
-from experiments.user_model import classifier_loss, fresh_model
+from experiments.user_model import classifier_loss
 from recipes import mixed_precision
-from experiments import exports
+from experiments import advise_accuracy, advise_backend, advise_report
 from recipes.step_timer import StepTimer, steady, throughput
 
 # What main.py feeds this recipe: mixed_precision's default data as arrays, or a folder
@@ -78,7 +86,10 @@ TAKES_MODEL = True  # run() takes model=: your keras.Model, timed in copies (you
 HEADLINE = ("combined_speedup", "predicted_speedup", "baseline_examples_per_sec",
             "advised_examples_per_sec", "input_wait_percent", "advised_policy",
             "advised_batch_size", "advised_jit_compile", "advised_steps_per_execution",
-            "advised_pipeline", "wall_time_s")
+            "advised_pipeline", "time_to_accuracy_speedup", "baseline_time_to_target_s",
+            "advised_time_to_target_s", "fastest_backend", "wall_time_s")
+PROBE_SHARE = 0.5  # of --budget_s: the probes' measurements (the proofs and the backends share
+# the rest: advise_accuracy.PROOF_SHARE, and the backends' repeats at the probes' length)
 BATCH_GAIN = 0.05  # the batch search goes on while doubling raises throughput by this much
 POOL_BYTES = 512 * 2**20  # in-memory batches for the compute probes: at most this much
 
@@ -86,8 +97,9 @@ POOL_BYTES = 512 * 2**20  # in-memory batches for the compute probes: at most th
 @dataclasses.dataclass
 class Config:
     batch_size: int = 32  # your batch size: the baseline every probe is timed against
-    budget_s: float = 300.0  # seconds of measuring the run aims at (each measurement scales with
-    # it); compiling and reading the data come on top: ~3 min in all for the default
+    budget_s: float = 300.0  # seconds of measuring and proving the run aims at: half for the
+    # probes (each measurement scales with it), a third for the time-to-accuracy proof, the rest
+    # for the backends; compiling and reading the data come on top: ~5 min in all for the default
     repeats: int = 5  # alternating repeats of every comparison (the spread is over these;
     # many short ones resist a shared machine's drifting load better than a few long ones)
     noise: float = 0.05  # a change must be at least this much faster (median) to be advised
@@ -101,6 +113,13 @@ class Config:
     learning_rate: float = 1e-3  # Adam's, when your model brings no compiled optimizer
     seed: int = 0  # initial weights of the default CNN, batch order
     pixel_range: str = "auto"  # auto, 0_255, 0_1 or -1_1: what folder images reach your model in
+    proof_epochs: int = 2  # epochs the time-to-accuracy proof trains the baseline and the advice
+    # for (from the same weights, in the same order); the target is the baseline's best
+    accuracy_tolerance: float = 0.005  # the target: the baseline's best validation accuracy
+    # in --proof_epochs less this
+    backends: str = "auto"  # Keras backends to time your model on, each in its own process:
+    # auto (every installed one, when --budget_s is 135 or more), none, or a comma list
+    # (tensorflow,jax,torch)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.repeats < 1 or self.image_size < 8:
@@ -116,6 +135,12 @@ class Config:
             raise ValueError("--noise must be in [0, 1) and --input_bound_percent in [0, 100]")
         if self.ram_budget_mb is not None and self.ram_budget_mb < 1:
             raise ValueError("--ram_budget_mb must be >= 1")
+        if self.proof_epochs < 1 or not 0 <= self.accuracy_tolerance < 1:
+            raise ValueError("--proof_epochs must be >= 1 and --accuracy_tolerance in [0, 1)")
+        unknown = set(self.backends.split(",")) - {"auto", "none", "tensorflow", "jax", "torch"}
+        if unknown:
+            raise ValueError(f"--backends: unknown {', '.join(sorted(unknown))}; use auto, none "
+                             "or a comma list of tensorflow, jax, torch")
 
 
 # --- what one training configuration is, and one timed copy of the model under it ------
@@ -251,6 +276,7 @@ class Data:
             self.num_classes = int(max(self.y.max(), self.y_val.max())) + 1
         self.tuned_cache = None  # "memory" or "none", once the tuned pipeline is built
         self.tuned_datasets = {}  # batch size -> the tuned pipeline, its cache filled once
+        self.cache_fill_s = {}  # batch size -> seconds its cache took to fill
 
     # Your pipeline, as given.
     def yours(self, batch_size):
@@ -297,7 +323,9 @@ class Data:
                                                   cache=self.tuned_cache, seed=self.seed)
         ds = ds.repeat().prefetch(tf.data.AUTOTUNE)  # passes, as many as the steps need
         if cached is not None:
+            start = time.perf_counter()
             self.stream.fill_cache(cached)  # decoded once, before any timing
+            self.cache_fill_s[batch_size] = time.perf_counter() - start
         pixels = self.pixels
         if pixels != "0_1":  # the pipeline gives [0, 1]; your model takes another range
             ds = ds.map(lambda x, y: (from_unit(x, pixels), y))
@@ -416,11 +444,12 @@ class Models:
         with mixed_precision.global_policy(policy):
             return mixed_precision.under_policy(self.reference, policy)
 
-    def compiled(self, setting):
+    def compiled(self, setting, optimizer=None):
         with mixed_precision.global_policy(setting.policy):  # compile reads it (loss scaling)
             model = mixed_precision.under_policy(self.reference, setting.policy)
             mixed_precision.check_policy_applied(model, setting.policy)
-            model.compile(optimizer=self.optimizer(), loss=self.loss, metrics=self.metrics,
+            model.compile(optimizer=optimizer or self.optimizer(), loss=self.loss,
+                          metrics=self.metrics,
                           jit_compile=setting.jit_compile,
                           steps_per_execution=setting.steps_per_execution)
         return model
@@ -440,6 +469,8 @@ class Finding:
     setting: dict  # the Setting fields it changes
     recommended: bool = False
     end_to_end: float = 1.0  # what it alone would give end to end (measured or predicted)
+    demoted: str = ""  # why it is no longer advised although it was faster (accuracy)
+    proof: str = ""  # a proof of its own, with the other advised changes (the backend's)
 
     def as_metrics(self):
         low, high = self.comparison.spread if self.comparison else (math.nan, math.nan)
@@ -447,7 +478,8 @@ class Finding:
                 "speedup": round(self.comparison.speedup, 4) if self.comparison else None,
                 "spread": [round(low, 4), round(high, 4)], "acts_on": self.acts_on,
                 "end_to_end_speedup": round(self.end_to_end, 4), "cost": self.cost,
-                "measured_by": self.measured_by, "setting": self.setting}
+                "measured_by": self.measured_by, "setting": self.setting,
+                **({"demoted": self.demoted} if self.demoted else {})}
 
 
 class Probes:
@@ -456,9 +488,10 @@ class Probes:
     def __init__(self, models, data, config):
         self.models, self.data, self.config = models, data, config
         self.base = Setting(batch_size=min(config.batch_size, data.n_train))
-        # ~20 measurements per repeat, plus compiling, fill the budget.
-        self.measure_s = config.budget_s / (50 * config.repeats)
-        self.deadline = time.perf_counter() + config.budget_s
+        # ~20 measurements per repeat, plus compiling, fill the probes' share of the budget.
+        share = PROBE_SHARE * config.budget_s
+        self.measure_s = share / (50 * config.repeats)
+        self.deadline = time.perf_counter() + share
         limit = min(config.max_batch_size, data.n_train,
                     max(self.base.batch_size, POOL_BYTES // example_bytes(models.reference)))
         self.pool_x, self.pool_y = data.pool(limit)
@@ -610,9 +643,10 @@ class Probes:
         self.batch_tried, self.batch_stop = tried, stop
         print(f"batch search: stopped, {stop}")
         scale = best / base.batch_size
-        lr = (f"learning rate: for the same per-example progress scale it {scale:g}x (linear "
-              "scaling rule, with a warm-up) or retune; fewer, larger steps per epoch; "
-              "python main.py --recipe=batch shows it on accuracy")
+        steps = self.data.n_train // best // advise_accuracy.CHECKS_PER_EPOCH
+        _, rule = advise_accuracy.scaled_optimizer(self.models.optimizer(), scale, steps)
+        lr = (f"learning rate: {rule}, as the accuracy proof trains it; fewer, larger steps "
+              "per epoch")
         if best_cmp is None:
             last = tried[-1] if tried else None
             return Finding(f"batch size {2 * base.batch_size}", f"batch_size={2 * base.batch_size}",
@@ -693,73 +727,6 @@ def predict(baseline, pipeline, compute_gain):
     return baseline.step_s / pipeline.step_with(baseline.compute_s / compute_gain)
 
 
-# --- size (no training) ----------------------------------------------------------------
-
-def size_probe(reference, run_dir, x_val):
-    """gzip bytes of the model in float32 and after Keras' model.quantize("int8"), the
-    layers Keras left in float, and how often the two predict the same class."""
-    float_bytes = exports.save_model(fresh_model(reference, None, None),
-                                     os.path.join(run_dir, "float32.keras"))
-    quantized = fresh_model(reference, None, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized.quantize("int8")
-    path = write_atomically(os.path.join(run_dir, "int8.keras"), quantized.save)
-    left = exports.left_in_float(quantized)
-    same = np.mean(np.argmax(reference.predict(x_val, verbose=0), -1)
-                   == np.argmax(quantized.predict(x_val, verbose=0), -1))
-    return {"float32_gzip_bytes": float_bytes, "int8_gzip_bytes": exports.gzip_bytes(path),
-            "int8_unquantized_layers": ", ".join(left) or "none",
-            "int8_same_prediction": float(same)}
-
-
-# --- the report ---------------------------------------------------------------------
-
-def format_table(recommended, not_recommended, combined, predicted):
-    def row(rank, f):
-        if f.comparison is None:
-            measured = "not timed"
-        else:
-            low, high = f.comparison.spread
-            measured = f"{f.comparison.speedup:.2f}x ({low:.2f}-{high:.2f})"
-        return (f"{rank:<4} {f.change[:44]:<44} {measured:>20}  {f.acts_on:<10} "
-                f"{f.end_to_end:>6.2f}x\n     {f.code}\n     cost: {f.cost}\n"
-                f"     from: {f.measured_by}")
-    lines = [f"{'rank':<4} {'change':<44} {'speedup (spread)':>20}  {'of':<10} {'alone':>7}"]
-    lines += [row(i + 1, f) for i, f in enumerate(recommended)] or ["     (no change measured "
-                                                                   "faster beyond the noise)"]
-    if not_recommended:
-        lines.append("not worth it here (tried, no gain beyond the noise):")
-        lines += [row("-", f) for f in not_recommended]
-    lines.append(f"combined speedup {combined:.2f}x (predicted {predicted:.2f}x)")
-    return "\n".join(lines)
-
-
-def log_tensorboard(log_dir, probes, findings, combined, table):
-    """The probes' scalars, the table as the Text summary, and HParams: a trial per
-    change measured (its full Setting, whether it was advised, its speedup), beside the
-    baseline and all advised changes together."""
-    write_events(log_dir, [(step, scalar_pb(tag, value))
-                           for tag, points in probes.scalars.items() for step, value in points])
-    log_text_summary(log_dir, table)
-
-    def hparams(setting, advised):
-        return {**{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-                   for k, v in dataclasses.asdict(setting).items()}, "advised": advised}
-
-    advised = [f for f in findings if f.recommended]
-    together = {k: v for f in advised for k, v in f.setting.items()}
-    trials = {"baseline": (hparams(probes.base, False), {"speedup": 1.0}),
-              "advised_together": (hparams(dataclasses.replace(probes.base, **together), True),
-                                   {"speedup": combined})}
-    for i, f in enumerate(findings, 1):
-        if f.comparison is not None:
-            trials[f"{i:02d}_" + re.sub(r"\W+", "_", f.change)[:40].strip("_")] = (
-                hparams(dataclasses.replace(probes.base, **f.setting), f.recommended),
-                {"speedup": f.comparison.speedup, "end_to_end_speedup": f.end_to_end})
-    log_hparams_trials(os.path.join(log_dir, "hparams"), "advise", trials)
-
-
 # --- the recipe ---------------------------------------------------------------------
 
 def reference_model(model, data_shape, num_classes, config):
@@ -790,74 +757,95 @@ def check(config, data, model=None):
         classifier_loss(model, num_classes)
 
 
+def start(config, data, model):
+    """The reference model, the data and the Probes over them; prints what the baseline is."""
+    folder = isinstance(data[0], (str, os.PathLike))
+    shape = ((config.image_size, config.image_size, 3) if folder
+             else tuple(np.asarray(data[0][0]).shape[1:]))
+    if folder:
+        from experiments import image_folder
+        num_classes = len(image_folder.class_names_of(data[0]))
+    else:
+        num_classes = int(max(np.max(data[0][1]), np.max(data[1][1]))) + 1
+    reference = reference_model(model, shape, num_classes, config)
+    inputs = Data(data, config, reference)
+    models = Models(reference, inputs.num_classes, config)
+    print(f"advise: {reference.count_params():,} weights, loss: {models.loss_why}; "
+          f"backend {keras.backend.backend()}"
+          f"{', GPU' if on_gpu() else ', CPU'}; baseline: float32, batch "
+          f"{min(config.batch_size, inputs.n_train)}, jit_compile auto, one step per call, "
+          f"{'image_dataset_from_directory' if folder else 'arrays to fit'}; "
+          f"budget {config.budget_s:g} s")
+    return Probes(models, inputs, config)
+
+
 def run(config, run_dir, data, model=None):
-    """Probes, ranks, applies the winners together and measures again; returns metrics.
+    """Probes, ranks, proves time to accuracy (demoting what misses it), times the
+    backends, applies the winners together and measures again; returns metrics.
 
     model: None for mixed_precision's CNN, your keras.Model (timed in copies from its
     weights; yours is never changed) or fn(input_shape, num_classes).
     """
-    start = time.perf_counter()
+    began = time.perf_counter()
     check(config, data, model)
-    folder = isinstance(data[0], (str, os.PathLike))
-    shape = ((config.image_size, config.image_size, 3) if folder
-             else tuple(np.asarray(data[0][0]).shape[1:]))
+    os.makedirs(run_dir, exist_ok=True)
     previous = keras.mixed_precision.global_policy()
     try:
         keras.mixed_precision.set_global_policy("float32")
-        if folder:
-            from experiments import image_folder
-            num_classes = len(image_folder.class_names_of(data[0]))
-        else:
-            num_classes = int(max(np.max(data[0][1]), np.max(data[1][1]))) + 1
-        reference = reference_model(model, shape, num_classes, config)
-        inputs = Data(data, config, reference)
-        models = Models(reference, inputs.num_classes, config)
-        print(f"advise: {reference.count_params():,} weights, loss: {models.loss_why}; "
-              f"backend {keras.backend.backend()}"
-              f"{', GPU' if on_gpu() else ', CPU'}; baseline: float32, batch "
-              f"{min(config.batch_size, inputs.n_train)}, jit_compile auto, one step per call, "
-              f"{'image_dataset_from_directory' if folder else 'arrays to fit'}; "
-              f"budget {config.budget_s:g} s")
-        probes = Probes(models, inputs, config)
+        probes = start(config, data, model)
         findings = [probes.input_pipeline(), probes.precision(), probes.batch_size(),
                     probes.jit(), probes.steps_per_execution()]
+        recommended = rank(probes, findings, config)
+        accuracy = advise_accuracy.prove(probes, recommended, config,
+                                         advice(probes, recommended)[1])
+        advised, _ = advice(probes, rank(probes, findings, config))  # less what was demoted
+        backend, backend_metrics = advise_backend.probe(probes, advised, config, run_dir)
+        findings += [backend] if backend else []
         metrics, table = prove(probes, findings, config)
-        os.makedirs(run_dir, exist_ok=True)
-        metrics.update(size_probe(reference, run_dir, inputs.validation_arrays()[0]))
+        metrics.update(advise_report.size_probe(probes.models.reference, run_dir,
+                                                probes.data.validation_arrays()[0]))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    print("\n" + table)
-    size_line = (f"size: {metrics['float32_gzip_bytes']:,} bytes gzipped in float32, "
-                 f"{metrics['int8_gzip_bytes']:,} after model.quantize('int8') (left in float: "
-                 f"{metrics['int8_unquantized_layers']}; same class on "
-                 f"{metrics['int8_same_prediction']:.0%} of validation examples); prune "
-                 "further: python main.py --recipe=prune --model=YOUR_MODEL.keras "
-                 "--data_dir=YOUR_DATA")
-    print(size_line)
-    log_tensorboard(os.path.join(run_dir, "advise"), probes, findings,
-                    metrics["combined_speedup"], table + "\n" + size_line)
-    metrics.update(model_params=reference.count_params(), backend=keras.backend.backend(),
+    closing = advise_report.closing_lines(metrics, accuracy)
+    print("\n" + table + "\n" + closing)
+    advise_report.log_tensorboard(os.path.join(run_dir, "advise"), probes, findings,
+                                  metrics["combined_speedup"], table + "\n" + closing, accuracy)
+    metrics.update(advise_accuracy.metrics(accuracy), **backend_metrics,
+                   model_params=probes.models.reference.count_params(),
+                   backend=keras.backend.backend(),
                    prune_command="python main.py --recipe=prune --model=YOUR_MODEL.keras",
-                   wall_time_s=time.perf_counter() - start)
+                   wall_time_s=time.perf_counter() - began)
     return metrics
 
 
-def prove(probes, findings, config):
-    """Marks what clears the noise, ranks it, applies it together and measures again."""
-    baseline = probes.baseline
-    pipeline = probes.tuned if getattr(probes, "tuned", None) else baseline
+def rank(probes, findings, config):
+    """Marks what clears the noise (unless demoted) and what each train-step change alone
+    gives end to end; the recommended, best first."""
     for f in findings:
-        if f.comparison is None:
+        if f.comparison is None or f.demoted:
             continue
         f.recommended = f.comparison.clears(config.noise)
         if f.acts_on == "train step":
-            f.end_to_end = predict(baseline, baseline, f.comparison.speedup)
-    recommended = sorted((f for f in findings if f.recommended), key=lambda f: -f.end_to_end)
-    not_recommended = [f for f in findings if not f.recommended]
-    changes = {k: v for f in recommended for k, v in f.setting.items()}
-    advised = dataclasses.replace(probes.base, **changes)
+            f.end_to_end = predict(probes.baseline, probes.baseline, f.comparison.speedup)
+    return sorted((f for f in findings if f.recommended), key=lambda f: -f.end_to_end)
+
+
+def advice(probes, recommended):
+    """(the Setting with every recommended change, its predicted end-to-end speedup)."""
+    baseline = probes.baseline
+    pipeline = probes.tuned if getattr(probes, "tuned", None) else baseline
+    advised = advise_accuracy.with_changes(probes.base, recommended)
     gain = math.prod(f.comparison.speedup for f in recommended if f.acts_on == "train step")
-    predicted = predict(baseline, pipeline if advised.pipeline == "tuned" else baseline, gain)
+    return advised, predict(baseline, pipeline if advised.pipeline == "tuned" else baseline, gain)
+
+
+def prove(probes, findings, config):
+    """Applies every recommended change (the backend aside) together and measures it
+    against the untouched baseline, alternating; the metrics and the ranked table."""
+    baseline = probes.baseline
+    recommended = rank(probes, findings, config)
+    not_recommended = [f for f in findings if not f.recommended]
+    advised, predicted = advice(probes, recommended)
     if advised == probes.base:
         combined = Comparison([1.0], baseline.step_s, baseline.step_s)
         trial = probes.yours
@@ -867,7 +855,8 @@ def prove(probes, findings, config):
     probes.log("combined/speedup", combined.speedup)
     probes.log("combined/predicted_speedup", predicted)
     model = trial.model
-    table = format_table(recommended, not_recommended, combined.speedup, predicted)
+    table = advise_report.format_table(recommended, not_recommended, combined.speedup,
+                                       predicted, keras.backend.backend())
     metrics = {
         "combined_speedup": combined.speedup, "combined_speedup_spread": list(combined.spread),
         "predicted_speedup": predicted,

@@ -82,7 +82,8 @@ def test_classifier_loss_uses_the_compiled_loss_else_reads_the_output_layer():
     compiled = small_model(3, "softmax")
     compiled.compile("adam", keras.losses.CategoricalFocalCrossentropy(), metrics=["mae"])
     loss, metrics, why = user_model.classifier_loss(compiled, 3)
-    assert isinstance(loss, keras.losses.CategoricalFocalCrossentropy) and why.startswith("its own")
+    assert isinstance(loss.inner, keras.losses.CategoricalFocalCrossentropy)  # fed one-hot labels
+    assert why.startswith("its own compiled loss (categorical_focal_crossentropy)")
     assert metrics[0] == "accuracy" and len(metrics) == 2  # accuracy first, then the model's
     softmax = user_model.classifier_loss(small_model(3, "softmax"), 3)[0]
     logits = user_model.classifier_loss(small_model(3), 3)[0]
