@@ -38,7 +38,8 @@ def run_cli(*args, cwd=REPO, timeout=300, env=None):
 
 def error_lines(stderr):
     """stderr minus TensorFlow/absl start-up logging: what the user's error is."""
-    noise = ("WARNING: All log messages", "I0000", "W0000", "E0000")
+    noise = ("WARNING: All log messages", "I0000", "W0000", "E0000",
+             "INFO: Created TensorFlow Lite XNNPACK delegate")  # TFLite's, at each interpreter
     return [line for line in stderr.splitlines()
             if line.strip() and not line.startswith(noise)
             and "rebuild TensorFlow with the appropriate compiler flags" not in line
