@@ -14,12 +14,11 @@
 # then prints one table (benchmarks/gpu_table.py): a row per step from its metrics.json.
 #
 # Keras, and the two packages it needs that a JAX-only machine may lack (namex, optree), are
-# installed into a temporary folder from the wheels beside this script (benchmarks/wheels:
-# keras as pinned in requirements.txt, built for Python 3.12 on x86-64 Linux) when
-# `import keras` fails; nothing is downloaded. Other Python versions need wheels of their
-# own: pip download keras==3.15.1 namex optree --no-deps --only-binary=:all:
-# --python-version 3.X -d benchmarks/wheels. The rest (jax, numpy, absl-py, h5py, ml-dtypes,
-# rich, pillow, tensorboard, psutil) must be there already.
+# installed into a temporary folder from benchmarks/wheels when `import keras` fails; nothing
+# is downloaded there. The wheels are not committed: fetch them where the package registry is
+# reachable with `bash benchmarks/fetch_wheels.sh` (keras as pinned in requirements.txt, for
+# Python 3.12 on x86-64 Linux) and carry the folder with the script. The rest (jax, numpy,
+# absl-py, h5py, ml-dtypes, rich, pillow, tensorboard, psutil) must be there already.
 #
 # Environment: PYTHON (default python3), GPU_SH_LOGDIR (default: a new temp folder; each
 # step's log and run folder go there).
@@ -35,8 +34,9 @@ if ! "$PYTHON" -c "import keras" >/dev/null 2>&1; then
     site="$LOGDIR/site"
     if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
             benchmarks/wheels/*.whl; then
-        echo "error: keras is not installed, and the wheels in benchmarks/wheels do not install" \
-             "on $("$PYTHON" --version 2>&1) (see this script's header)" >&2
+        echo "error: keras is not installed, and benchmarks/wheels holds no wheels that install" \
+             "on $("$PYTHON" --version 2>&1): run bash benchmarks/fetch_wheels.sh where the" \
+             "package registry is reachable and carry the folder here" >&2
         exit 2
     fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

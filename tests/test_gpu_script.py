@@ -5,7 +5,6 @@ backend and TensorFlow's import blocked, as on a GPU machine that has JAX and no
 TensorFlow. Every step must finish and the one table must show each.
 """
 import json
-import pathlib
 import re
 import subprocess
 import sys
@@ -39,13 +38,18 @@ def test_the_gpu_script_runs_every_step_on_jax_without_tensorflow(tmp_path):
     assert re.search(r"whole script \d+ s", result.stdout)
 
 
-def test_the_wheels_beside_the_script_are_the_pinned_keras_for_python_3_12():
-    wheels = sorted(p.name for p in (REPO / "benchmarks" / "wheels").glob("*.whl"))
+def test_fetch_wheels_brings_the_pinned_keras_for_python_3_12(tmp_path):
+    """What gpu.sh installs on a JAX-only machine, fetched from the package registry."""
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "fetch_wheels.sh"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**ENV, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheels = sorted(p.name for p in tmp_path.glob("*.whl"))
     pinned = re.search(r"^keras==(\S+)$", (REPO / "requirements.txt").read_text(), re.M)[1]
     assert f"keras-{pinned}-py3-none-any.whl" in wheels, wheels
     assert any(w.startswith("namex-") and w.endswith("py3-none-any.whl") for w in wheels)
     optree = [w for w in wheels if w.startswith("optree-")]
     assert len(optree) == 1 and "cp312-cp312-manylinux" in optree[0] and "x86_64" in optree[0]
     for name in wheels:  # whole zip files, not pointers or truncated downloads
-        with zipfile.ZipFile(pathlib.Path(REPO / "benchmarks" / "wheels" / name)) as wheel:
+        with zipfile.ZipFile(tmp_path / name) as wheel:
             assert wheel.testzip() is None
