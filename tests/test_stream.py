@@ -120,7 +120,7 @@ def test_both_loaders_give_the_same_classes_and_pixels(stream, stream_dropin, im
     assert x_gen.shape == x_tf.shape == (9, SIZE, SIZE, 3)
     np.testing.assert_array_equal(y_gen.astype(int), y_tf)
     assert list(y_tf) == scan.labels and scan.class_names == ["bright", "dark"]
-    assert 0 <= x_tf.min() and x_tf.max() <= 1
+    assert 0 <= x_tf.min() and 0.5 < x_tf.max() <= 1  # [0, 1], not divided by 255 twice
     # The same decoded pixels (JPEG decoders may differ by a level or two; CMYK a little more).
     assert np.abs(x_gen - x_tf).mean() < 2 / 255
 
@@ -153,7 +153,7 @@ def test_augment_changes_images_but_keeps_shape_and_range(stream_dropin, image_f
                                            augment_with=augment_with)
     x_plain, x_aug = next(iter(plain))[0].numpy(), next(iter(augmented))[0].numpy()
     assert x_aug.shape == x_plain.shape == (8, SIZE, SIZE, 3)
-    assert 0 <= x_aug.min() and x_aug.max() <= 1
+    assert 0 <= x_aug.min() and 0.5 < x_aug.max() <= 1  # [0, 1], not divided by 255 twice
     assert np.abs(np.sort(x_aug, axis=None) - np.sort(x_plain, axis=None)).mean() > 1e-3
 
 
@@ -219,7 +219,8 @@ model.compile(keras.optimizers.Adam(0.2), "sparse_categorical_crossentropy", met
 """
 COPY_CHECK = """
 images, _ = next(iter(val))
-assert images.shape == (32, 150, 150, 3) and 0 <= np.min(images) and np.max(images) <= 1
+assert images.shape == (32, 150, 150, 3) and 0 <= np.min(images)
+assert 0.5 < np.max(images) <= 1  # bright images in [0, 1], not divided by 255 twice
 assert model.evaluate(val, verbose=0)[1] > 0.9, "bright vs dark was not learned"
 first, second = (np.concatenate([y for _, y in train]) for _ in range(2))  # one pass each
 assert sorted(first) == sorted(labels) and list(first) != list(second)  # reshuffled each pass
@@ -230,7 +231,7 @@ assert sorted(np.concatenate([y for _, y in train])) == sorted(labels)
 for path, data in zip(paths, originals):
     pathlib.Path(path).write_bytes(data)
 x_gen, y_gen = generator_flow("photos", ["bright", "dark"], 150, 8, shuffle=False)[0]
-assert x_gen.shape == (8, 150, 150, 3) and 0 <= x_gen.min() and x_gen.max() <= 1
+assert x_gen.shape == (8, 150, 150, 3) and 0 <= x_gen.min() and 0.5 < x_gen.max() <= 1
 # Keras 3's fit takes the classic loader, whose images the model reads as it read tf.data's
 history = model.fit(generator_flow("photos", ["bright", "dark"], 150, 32, workers=2), verbose=0)
 assert history.history["accuracy"][-1] > 0.9, history.history
