@@ -12,27 +12,9 @@ folder, which is kept with all it holds); 130 Ctrl-C (the folder is kept and
 marked INTERRUPTED).
 """
 import gc
-import re
 import sys
 
-
-# What TensorFlow puts before the line that explains an error raised in traced code.
-WRAPPERS = ("in user code:", "Graph execution error:")
-CAUSE = re.compile(r"^(\w+\.)*\w*(Error|Exception): ")
-
-
-def one_line(error):
-    """The line that explains an error: its first, or, where TensorFlow wrapped it
-    ("in user code:" and a stack), the cause it names last."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if lines[0].strip() not in WRAPPERS:  # less TensorFlow's "{{function_node ...}}" prefix
-        return re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0].strip())
-    causes = [line.strip() for line in lines if CAUSE.match(line.strip())]
-    plain = [line.strip() for line in lines[1:] if not line[0].isspace()
-             and not line.lstrip().startswith(("[[", "Detected at node"))]
-    return (causes or plain or lines)[-1].strip()
+from experiments.errors import named_line, one_line
 
 
 def fail(message, code):
@@ -97,9 +79,7 @@ def main(argv):
             size = getattr(command.config, flag, "?")
             size = ",".join(map(str, size)) if isinstance(size, tuple) else size
             return fail(f"out of memory at --{flag}={size}: try a smaller --{flag} ({kept})", 1)
-        line = one_line(e)
-        named = line if CAUSE.match(line) else f"{type(e).__name__}: {line}"
-        return fail(f"{named} ({kept}; the traceback is in its error.txt)", 1)
+        return fail(f"{named_line(e)} ({kept}; the traceback is in its error.txt)", 1)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 With --model, the model's input decides the geometry: images are loaded at its
 height, width and channels, and reach it in the range it wants (0-255, [0, 1] or
-[-1, 1]: experiments.user_model.pixel_range decides from what the model does, and
+[-1, 1]: experiments.pixels.pixel_range decides from what the model does, and
 --pixel_range overrides it).
 """
 from cli import UsageError
@@ -42,10 +42,11 @@ def load(command, model=None):
         return dataset, (check_npz_fits(model, command.model_path, data) if model else data)
     height, width, channels = model_geometry(model, command.model_path, dataset)
     if spec["form"] == "directory":  # the recipe decodes the images itself, square and RGB
-        if height is None or height != width or channels not in getattr(
-                command.module, "FOLDER_CHANNELS", (3,)):
+        fed = getattr(command.module, "FOLDER_CHANNELS", (3,))
+        if height is None or height != width or channels not in fed:
+            kinds = " or ".join({1: "gray", 3: "RGB"}[c] for c in sorted(fed, reverse=True))
             raise UsageError(f"--model={command.model_path} takes {(height, width, channels)} "
-                             f"inputs; --recipe={command.name} feeds square RGB images")
+                             f"inputs; --recipe={command.name} feeds square {kinds} images")
         command.config = _with_image_size(config, height)
         return dataset, datasets.load(dataset, fv.data_dir, seed=fv.seed,
                                       **{**spec, "image_size": height})

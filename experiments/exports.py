@@ -93,9 +93,3 @@ def left_in_float(model):
     all but Dense, EinsumDense and Embedding (convolutions, for one)."""
     return [layer.name for layer in all_layers(model)
             if getattr(layer, "quantization_mode", None) is None and weight_matrices(layer)]
-
-
-def error_line(error):
-    """An exception as one line for a table and metrics.json: its type and first line."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:300]}"

@@ -97,9 +97,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from experiments.exports import (error_line, gzip_bytes, left_in_float, load_model,
-                                 predictions_match, save_model, tflite_predict, to_tflite,
-                                 write_bytes)
+from experiments.errors import named_line
+from experiments.exports import (gzip_bytes, left_in_float, load_model, predictions_match,
+                                 save_model, tflite_predict, to_tflite, write_bytes)
 from experiments.files import write_atomically
 from experiments.prune_tfmot import (tfmot_cluster, tfmot_log_final_sparsity, tfmot_modules,
                                      tfmot_prune_model)
@@ -310,7 +310,7 @@ def export_tflite(model, run_dir, x_check):
         try:
             flatbuffer = to_tflite(model, quantize)
         except Exception as e:  # noqa: BLE001 -- an op TFLite lacks, say: reported
-            out[f"{name}_error"] = f"not made: {error_line(e)}"
+            out[f"{name}_error"] = f"not made: {named_line(e, 300)}"
             continue
         write_atomically(os.path.join(run_dir, f"pruned{'_quant' if quantize else ''}.tflite"),
                          lambda partial: write_bytes(partial, flatbuffer))
@@ -319,7 +319,7 @@ def export_tflite(model, run_dir, x_check):
             got = tflite_predict(flatbuffer, x_check)
         except Exception as e:  # noqa: BLE001
             out[f"{name}_reload_matches"] = False
-            out[f"{name}_error"] = f"made, but its check failed: {error_line(e)}"
+            out[f"{name}_error"] = f"made, but its check failed: {named_line(e, 300)}"
             continue
         out[f"{name}_reload_matches"] = bool(
             np.allclose(got, expected, atol=1e-4) if not quantize else
@@ -340,7 +340,7 @@ def keras_int8(model, run_dir, x_val, y_val):
             copy.quantize("int8")
         write_atomically(path, copy.save)
     except Exception as e:  # noqa: BLE001
-        return {"keras_int8_error": f"not made: {error_line(e)}"}
+        return {"keras_int8_error": f"not made: {named_line(e, 300)}"}
     out = {"keras_int8_gzip_bytes": gzip_bytes(path),
            "keras_int8_unquantized_layers": ", ".join(left_in_float(copy)) or "none"}
     try:
@@ -349,7 +349,7 @@ def keras_int8(model, run_dir, x_val, y_val):
         out["keras_int8_accuracy"] = accuracy(copy, x_val, y_val)
     except Exception as e:  # noqa: BLE001
         out.update(keras_int8_reload_matches=False,
-                   keras_int8_error=f"made, but its check failed: {error_line(e)}")
+                   keras_int8_error=f"made, but its check failed: {named_line(e, 300)}")
     return out
 
 
@@ -606,7 +606,7 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
             print(f"warning: the reloaded pruned{suffix} differs from the model in memory by "
                   f"{reload_diff}")
     except Exception as e:  # noqa: BLE001 -- a custom layer Keras cannot rebuild, say
-        reloaded = {"reload_matches": False, "reload_error": f"not checked: {error_line(e)}"}
+        reloaded = {"reload_matches": False, "reload_error": f"not checked: {named_line(e, 300)}"}
     target = (config.sparsity_m_by_n[0] / config.sparsity_m_by_n[1] if config.sparsity_m_by_n
               else config.final_sparsity)
     metrics = {
