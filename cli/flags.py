@@ -32,8 +32,9 @@ SHARED_FLAGS = {
     "strategy": ("auto", "auto, default (one device), mirrored, multi_worker (reads TF_CONFIG) or "
                          "tpu (tf.distribute), data_parallel (KERAS_BACKEND=jax); with several "
                          "replicas --batch_size is per replica"),
-    "resume": (False, "continue the newest unfinished run of this recipe from its last "
-                      "finished epoch, in the same run folder (its settings must match)"),
+    "resume": (False, "continue the newest unfinished run of this recipe at the step of its "
+                      "last checkpoint, in the same run folder (its settings must match); "
+                      "with none, start anew"),
     "model": (None, "your saved Keras model (.keras or .h5) to run the recipe on instead of its "
                     "own; the data is resized to its input (prune also takes dense or conv)"),
     "trust_model": (False, "load --model with Keras' safe mode off: only for a file you trust, "
@@ -46,10 +47,17 @@ SHARED_FLAGS = {
                             "says which), 0_255, 0_1 or -1_1"),
     "verbose": (False, "show TensorFlow's C++ start-up logging (hidden unless "
                        "TF_CPP_MIN_LOG_LEVEL is set)"),
+    "grace_s": (25.0, "seconds a SIGTERM or Ctrl-C leaves the run to finish its step, save a "
+                      "checkpoint and exit (143, or 130 for Ctrl-C); keep it under the "
+                      "platform's own grace period (Kubernetes: 30 s by default)"),
+    "checkpoint_every_steps": (None, "resumable recipes: also checkpoint every N training steps "
+                                     "within an epoch, so a SIGKILL loses at most N (default: "
+                                     "about every 30 s, never more than 5% of the time)"),
 }
-POSITIVE_INTS = ("epochs", "batch_size", "steps_per_epoch")
+POSITIVE_INTS = ("epochs", "batch_size", "steps_per_epoch", "checkpoint_every_steps")
 INT_FLAGS = POSITIVE_INTS + ("seed",)
 BOOL_FLAGS = ("resume", "trust_model", "verbose")
+FLOAT_FLAGS = ("grace_s",)
 ENUM_FLAGS = {"pixel_range": ("auto", "0_255", "0_1", "-1_1")}
 
 
@@ -123,6 +131,8 @@ def define_shared_flags(fv):
             flags.DEFINE_integer(name, default, help_text, flag_values=fv)
         elif name in BOOL_FLAGS:
             flags.DEFINE_boolean(name, default, help_text, flag_values=fv)
+        elif name in FLOAT_FLAGS:
+            flags.DEFINE_float(name, default, help_text, flag_values=fv)
         elif name in ENUM_FLAGS:
             flags.DEFINE_enum(name, default, ENUM_FLAGS[name], help_text, flag_values=fv)
         else:
@@ -155,6 +165,8 @@ def build_config(module, fv, converters):
             raise UsageError(f"--{name} must be at least 1, got {fv[name].value}")
         if fv[name].value is not None and name not in fields:
             raise UsageError(f"--{name} does not apply to this recipe (see its --help)")
+    if fv.grace_s <= 0:
+        raise UsageError(f"--grace_s must be > 0, got {fv.grace_s:g}")
     if (fv.trust_model or fv.model_code) and not fv.model:
         raise UsageError("--trust_model and --model_code go with --model=FILE")
     values = {}
@@ -185,8 +197,9 @@ def print_usage(usage):
     print("\nShared flags:")
     for name, (default, help_text) in SHARED_FLAGS.items():
         print(f"  --{name}: {help_text}" + (f" (default: {default})" if default is not None else ""))
-    print("\nInterrupted runs: Ctrl-C exits with code 130 and keeps the last finished epoch; "
-          "run the same command with --resume to continue it.")
+    print("\nInterrupted runs: SIGTERM (exit 143) and Ctrl-C (exit 130) finish the step in "
+          "progress and save a checkpoint there; run the same command with --resume to "
+          "continue at that step.")
 
 
 def print_recipe_help(name, module, fv):

@@ -1,4 +1,4 @@
-"""The run folder: made fresh or found for --resume, flags.json, Ctrl-C, metrics.json.
+"""The run folder: made fresh or found for --resume, flags.json, signals, metrics.json.
 
     <logdir>/<recipe>/<UTC timestamp>/   flags.json at the start, metrics.json at the end
 
@@ -6,6 +6,7 @@ Only the chief of a multi-worker job writes there; other workers get a
 temporary folder, removed when they finish. Once the recipe has started, the
 folder and all it holds are kept, whatever happens.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -15,6 +16,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 import traceback
 
 from cli import UsageError
@@ -27,18 +30,21 @@ class Run:
     chief: bool  # False: a multi-worker job's other worker, whose folder is temporary
 
 
-def write_json_atomically(path, payload):
+def write_atomically(path, text):
     """Temp file + os.replace: readers never see a half-written file."""
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomically(path, payload):
+    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def check_writable(folder):
@@ -51,8 +57,9 @@ def check_writable(folder):
 
 
 # What must match for --resume to continue a run: the recipe's Config, the dataset and
-# the shared flags, but not where the runs go or --resume itself.
-NOT_COMPARED = ("resume", "logdir")
+# the shared flags, but not where the runs go, --resume itself or how often and how long
+# it may take to save.
+NOT_COMPARED = ("resume", "logdir", "grace_s", "checkpoint_every_steps")
 
 
 def run_settings(command, dataset):
@@ -138,23 +145,85 @@ def prepare(command, dataset, chief):
     return Run(run_dir, True)
 
 
-def exit_on_interrupt(run):
-    """Ctrl-C marks the run folder INTERRUPTED and leaves at once, exit code 130.
+def mark_interrupted(run, text):
+    """The folder's INTERRUPTED marker: what stopped the run, where, and how to go on."""
+    write_atomically(run.dir / "INTERRUPTED", text + "\nrun the same command with --resume to "
+                     "continue it\n")
 
-    A KeyboardInterrupt raised inside a TensorFlow step can abort the process
-    (heap corruption, seen here as free() errors), so the handler does not
-    unwind: every artifact is written to a temp name and renamed, so leaving
-    now keeps the last finished epoch whole, as a kill would.
+
+def leave_now(run, signum, why):
+    """Marks the folder, says so in one line and ends the process at once (the exit code
+    is 128 + the signal's number). Every file the run writes is written to a temporary
+    name and renamed, so leaving at any moment keeps the last whole checkpoint."""
+    name = signal.Signals(signum).name
+    with contextlib.suppress(OSError):
+        mark_interrupted(run, f"{name}: {why}")
+    sys.stdout.flush()
+    print(f"error: interrupted; run folder kept: {run.dir} ({name}: {why})", file=sys.stderr,
+          flush=True)
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def save_on_signal(run, grace_s):
+    """While it is entered, SIGTERM (a spot machine's notice, a Kubernetes eviction, Slurm's
+    preemption) and Ctrl-C stop the run where a checkpoint can be saved, within grace_s.
+
+    The handler only sets experiments.scale_out.STOP: the checkpoint callback of the
+    running fit saves at the end of the step in progress and raises Preempted, which
+    main.py hands to stopped() (exit 143 for SIGTERM, 130 for Ctrl-C). With no training
+    running there is nothing newer to save, and a second signal means now: the process
+    leaves at once. A thread woken by the signal itself (set_wakeup_fd: even while a long
+    step holds the main thread) leaves when grace_s is up, the last whole checkpoint kept.
+    The handler never raises: a KeyboardInterrupt inside a TensorFlow step can abort the
+    process (heap corruption, seen here as free() errors).
     """
-    def handler(signum, frame):
-        (run.dir / "INTERRUPTED").write_text("interrupted by Ctrl-C; its last finished epoch "
-                                             "is kept: run the same command with --resume\n")
-        sys.stdout.flush()
-        print(f"error: interrupted; run folder kept: {run.dir}", file=sys.stderr, flush=True)
-        os._exit(130)
+    from experiments.scale_out import STOP
 
-    if run.chief:
-        signal.signal(signal.SIGINT, handler)
+    if not run.chief:  # a multi-worker job's other worker: no folder, no resume
+        yield
+        return
+
+    def handler(signum, frame):
+        if STOP.signum is not None:
+            leave_now(run, signum, "a second signal: the last whole checkpoint is kept")
+        if not STOP.training:
+            leave_now(run, signum, "not training: the last whole checkpoint is kept")
+        STOP.signum = signum
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def deadline():
+        while (signum := os.read(read_end, 1)[0]) not in (signal.SIGTERM, signal.SIGINT, 0):
+            pass
+        if signum:
+            time.sleep(max(grace_s - 0.5, 0.1))
+            leave_now(run, signum, f"the step and its checkpoint did not finish within "
+                                   f"--grace_s={grace_s:g}: the last whole checkpoint is kept")
+        os.close(read_end)
+
+    threading.Thread(target=deadline, daemon=True, name="grace_s").start()
+    before = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    wakeup_before = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        yield
+    finally:  # back as it was (main() may run again in one process, as tests do)
+        signal.set_wakeup_fd(wakeup_before)
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+        os.write(write_end, b"\0")
+        os.close(write_end)
+
+
+def stopped(run, preempted):
+    """After a Preempted (its checkpoint saved): the marker, one line; the exit code."""
+    name = signal.Signals(preempted.signum).name
+    mark_interrupted(run, f"{name} at {preempted.where}: checkpoint {preempted.checkpoint}")
+    sys.stdout.flush()
+    print(f"error: interrupted; run folder kept: {run.dir} ({name} at {preempted.where}: "
+          "checkpoint saved; run the same command with --resume)", file=sys.stderr, flush=True)
+    return 128 + preempted.signum
 
 
 def finish(run, metrics, headline, logdir):
@@ -183,5 +252,8 @@ def keep_after_failure(run, error):
     if not run.chief:
         shutil.rmtree(run.dir, ignore_errors=True)
         return "this worker writes no run folder: see the chief's"
-    (run.dir / "error.txt").write_text("".join(traceback.format_exception(error)))
+    try:
+        (run.dir / "error.txt").write_text("".join(traceback.format_exception(error)))
+    except OSError as e:  # the disk that failed the run may fail this too
+        return f"run folder kept: {run.dir}; its error.txt could not be written: {e.strerror}"
     return f"run folder kept: {run.dir}"

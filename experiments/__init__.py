@@ -23,8 +23,9 @@ DEFAULT_DATASET  optional, only where the default is not the generated `shapes`.
 FOLDER_CHANNELS  optional, for a "directory" recipe: the --model input channels it
               feeds (default 3, RGB).
 HEADLINE      the metric names printed at the end of a run.
-RESUMABLE     optional, True when run() continues a killed run found in its
-              run folder (per-epoch checkpoints): --resume is accepted.
+RESUMABLE     optional, True when run() continues a stopped run found in its
+              run folder at its checkpoint's step (scale_out.EpochCheckpoint and
+              fit_from; Config.checkpoint_every_steps): --resume is accepted.
 why_not_resumable(config)  optional: a RESUMABLE recipe's reason (one line) why
               it cannot continue a run of this Config, or None.
 STRATEGIES    optional, the --strategy names run() takes besides auto/default
@@ -54,7 +55,9 @@ What each exception means for the exit code (main.py)
                   its own message; an out-of-memory error advises a smaller
                   batch; any other error prints its type and first line and
                   leaves the traceback in the folder's error.txt.
-    Ctrl-C        the folder is marked INTERRUPTED, exit 130.
+    scale_out.Preempted  SIGTERM or Ctrl-C, honoured at the end of a training step
+                  once its checkpoint is saved: the folder is marked INTERRUPTED
+                  with the signal and step, exit 143 (SIGTERM) or 130 (Ctrl-C).
 """
 RECIPES = {
     "batch": ("experiments.batch",

@@ -32,7 +32,7 @@ Copy:   recipes/batch.py is the drop-in file (sweep, pick_best, format_table: yo
         its weights; a builder fn(input_shape, num_classes) works too; leave it out for
         the experiment's classifier); add strategy=tf.distribute.MirroredStrategy() for
         several GPUs (batch sizes are then per replica). Running it again on the same
-        folder continues a killed sweep from its last finished epoch.
+        folder continues a stopped sweep at the step its checkpoint holds.
 """
 import dataclasses
 import json
@@ -44,8 +44,9 @@ import keras
 import numpy as np
 
 from experiments.files import save_json, write_atomically
-from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs,
-                                   latest_checkpoint, replica_count, restore)
+from experiments.scale_out import (EpochCheckpoint, array_batches, distribution_scope,
+                                   final_logs, fit_from, latest_checkpoint, position,
+                                   replica_count, restore)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                      log_text_summary, scalar_pb, write_events)
 from experiments.user_model import (classifier_loss, fresh_model, num_classes_of,
@@ -55,7 +56,7 @@ from recipes.step_timer import StepTimer, throughput
 
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
-RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed sweep
+RESUMABLE = True  # checkpoints (epoch ends, every N steps, on SIGTERM): --resume continues
 STRATEGIES = ("mirrored", "multi_worker", "data_parallel", "tpu")  # run(strategy=, fit=)
 TAKES_MODEL = True  # run() takes model=: your keras.Model, swept instead of the classifier
 HEADLINE = ("best_batch_size", "best_examples_per_sec", "best_val_accuracy",
@@ -73,6 +74,7 @@ class Config:
     accuracy_tolerance: float = 0.01  # best batch: the fastest within this of the best val accuracy
     scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     steps_per_epoch: int | None = None  # optional cap on steps per epoch
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: auto)
     seed: int = 0  # initial weights and shuffling
 
     def __post_init__(self):
@@ -100,24 +102,14 @@ def build_model(input_shape, num_classes):
     return model, loss
 
 
-def make_dataset(x, y, batch_size, seed, shuffle=True, repeat=False):
-    """An in-memory tf.data pipeline; full batches only, so every step is comparable.
-
-    Under a multi-worker strategy each worker takes its share of every batch
-    (sharding by data: an in-memory source has no files to shard by). (The drop-in's
-    batch.FullBatches does the same without tf.data, for one device.)
-    """
+def validation_dataset(x, y, batch_size):
+    """The validation arrays as tf.data, in order, the last batch short; sharded by data
+    under multi_worker, as array_batches' training batches are."""
     import tensorflow as tf  # only here: the drop-in file and a JAX sweep's model need none
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).with_options(options)
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    batch_size = min(batch_size, len(x))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    if repeat:
-        ds = ds.repeat()
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return (tf.data.Dataset.from_tensor_slices((x, y)).with_options(options)
+            .batch(min(batch_size, len(x))).prefetch(tf.data.AUTOTUNE))
 
 
 def check_finite(loss, batch_size, learning_rate):
@@ -152,14 +144,13 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
     """Trains a fresh copy of the model from make_model(); returns its measurements.
 
     `batch_size` is per replica; each step takes batch_size * replicas examples.
-    A checkpoint left by a killed run of the same folder is continued.
+    A checkpoint left by a stopped or killed run of the same folder is continued at
+    its step, with the batches that run would have read next (array_batches).
     """
     (x_train, y_train), (x_val, y_val) = data
     global_batch = min(batch_size * replica_count(strategy), len(x_train))
+    steps = config.steps_per_epoch or len(x_train) // global_batch
     log_dir = os.path.join(run_dir, f"batch_{batch_size}")
-    train_ds = make_dataset(x_train, y_train, global_batch, config.seed,
-                            repeat=config.steps_per_epoch is not None)
-    val_ds = make_dataset(x_val, y_val, global_batch, config.seed, shuffle=False)
     checkpoint_dir = os.path.join(run_dir, "checkpoints", f"batch_{batch_size}")
     checkpoint, saved = latest_checkpoint(checkpoint_dir)
     start = time.perf_counter()
@@ -170,22 +161,24 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
                       metrics=metrics, **users_settings(model, ("steps_per_execution",)))
         if checkpoint:
-            print(f"Resuming batch size {batch_size} after epoch {saved['epochs_done']} "
-                  f"from {checkpoint}")
+            print(f"Resuming batch size {batch_size} at "
+                  f"{position(saved['epochs_done'], saved['step'], steps)} from {checkpoint}")
             restore(model, checkpoint)
-        history = fit(
-            model, train_ds, validation_data=val_ds, epochs=config.epochs,
-            initial_epoch=saved["epochs_done"], steps_per_epoch=config.steps_per_epoch,
-            shuffle=False,  # make_dataset shuffles; fit's own flag only warns for tf.data
+        history = fit_from(
+            fit, model, lambda epoch, step: {"x": array_batches(
+                x_train, y_train, global_batch, config.seed, epoch * steps + step)},
+            config.epochs, steps, saved, validation_data=validation_dataset(
+                x_val, y_val, global_batch),
+            shuffle=False,  # array_batches shuffles; fit's own flag only warns for tf.data
             verbose=2, callbacks=[
                 timer, keras.callbacks.TerminateOnNaN(),
                 keras.callbacks.TensorBoard(log_dir=log_dir),
-                EpochCheckpoint(checkpoint_dir, lambda: {"step_seconds": timer.seconds})])
+                EpochCheckpoint(checkpoint_dir, lambda: {"step_seconds": timer.seconds},
+                                config.checkpoint_every_steps)])
     logs = final_logs(history, saved)
     check_finite(logs["loss"], batch_size, learning_rate)
     write_atomically(os.path.join(log_dir, "model.keras"),
                      lambda partial: save_with_users_loss(model, partial))
-    steps = config.steps_per_epoch or len(x_train) // global_batch
     # Custom Scalars: examples/s per epoch, a line per batch size
     log_per_epoch(log_dir, "batch/epoch_examples_per_sec", [
         global_batch / float(np.median(timer.seconds[i:i + steps]))

@@ -14,8 +14,8 @@ one process, and reports the speedup, the accuracy/loss difference and memory.
 Run:    python main.py --recipe=mixed_precision --compare
         KERAS_BACKEND=jax python main.py --recipe=mixed_precision --compare
         ... --strategy=mirrored (several GPUs; --batch_size is then per replica),
-        KERAS_BACKEND=jax ... --strategy=data_parallel, --resume after a kill
-        (each policy continues from its last finished epoch)
+        KERAS_BACKEND=jax ... --strategy=data_parallel, --resume after a SIGTERM
+        or a kill (each policy continues at the step of its last checkpoint)
 Expect: on a 2-core CPU with AVX512-BF16/AMX and no GPU, auto picks mixed_bfloat16
         and --compare on the default data (8,000 64x64 RGB shapes, 8 epochs per
         policy, ~2.5 min) measured speedup 2.66 (2412 vs 906 examples/s) and
@@ -48,8 +48,8 @@ import keras
 import numpy as np
 
 from experiments.files import write_atomically
-from experiments.scale_out import (EpochCheckpoint, distribution_scope, latest_checkpoint,
-                                   replica_count, restore)
+from experiments.scale_out import (EpochCheckpoint, distribution_scope, fit_from,
+                                   latest_checkpoint, position, replica_count, restore)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                     log_text_summary)
 from experiments.user_model import (classifier_loss, compile_settings, num_classes_of,
@@ -91,6 +91,7 @@ class Config:
     warmup_steps: int = 3  # first steps of each model left out of throughput (they compile)
     scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
     steps_per_epoch: int | None = None  # optional cap on steps per epoch
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: auto)
     seed: int = 0  # initial weights and batch order
 
     def __post_init__(self):
@@ -178,15 +179,17 @@ def policy_models(model, config, input_shape, num_classes):
 
 
 class Trainee:
-    """One model under one policy, trained an epoch at a time, checkpointed after each.
+    """One model under one policy, trained an epoch at a time, checkpointed after each
+    (and within epochs: EpochCheckpoint).
 
-    A checkpoint left in `checkpoint_dir` by a killed run is continued: the
-    model is built and compiled as for a new run, then its weights and
+    A checkpoint left in `checkpoint_dir` by a stopped or killed run is continued at its
+    step: the model is built and compiled as for a new run, then its weights and
     optimizer state (the cosine schedule's step, the loss scale) are loaded.
     """
 
-    def __init__(self, policy, config, make_model, log_dir, total_steps, strategy, fit,
+    def __init__(self, policy, config, make_model, log_dir, steps, strategy, fit,
                  checkpoint_dir):
+        total_steps = config.epochs * steps
         self.strategy, self.fit = strategy, fit
         learning_rate = config.learning_rate * (replica_count(strategy)
                                                 if config.scale_lr_with_replicas else 1)
@@ -202,28 +205,36 @@ class Trainee:
             if checkpoint:
                 restore(self.model, checkpoint)
         self.policy, self.history, self.log_dir = policy, saved["logs"], log_dir
-        self.epochs_done = saved["epochs_done"]
+        self.saved, self.steps, self.epochs = saved, steps, config.epochs
+        self.epochs_done = saved["epochs_done"]  # with a mid-epoch checkpoint, in the next
         self.timer, self.guard = StepTimer(), PolicyGuard(policy)
         state = saved["state"]
         self.timer.seconds = list(state.get("step_seconds", []))
         self.guard.step = state.get("steps", 0)
         self.gpu_peak_mb = state.get("gpu_peak_mb")
         if checkpoint:
-            print(f"Resuming {policy} after epoch {self.epochs_done} from {checkpoint}")
+            print(f"Resuming {policy} at "
+                  f"{position(self.epochs_done, saved['step'], steps)} from {checkpoint}")
         self.callbacks = [self.timer, self.guard]
         if log_dir and has_tensorflow():
             self.callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
         self.callbacks.append(EpochCheckpoint(checkpoint_dir, lambda: {
             "step_seconds": self.timer.seconds, "steps": self.guard.step,
-            "gpu_peak_mb": self.gpu_peak_mb}))
+            "gpu_peak_mb": self.gpu_peak_mb}, config.checkpoint_every_steps))
 
     def fit_epoch(self, epoch, x, y, validation, batch_size):
-        """Trains epoch `epoch` (from 0); run() skips those a killed run had finished."""
+        """Trains epoch `epoch` (from 0) on its batches x, y in order; run() skips those a
+        stopped run had finished, and this goes on at its step in the one it had begun."""
         reset_gpu_peak()
+        saved = (self.saved if epoch == self.saved["epochs_done"]
+                 else {"epochs_done": epoch, "step": 0})
         with global_policy(self.policy), distribution_scope(self.strategy):
-            history = self.fit(self.model, x, y, batch_size=batch_size, epochs=epoch + 1,
-                               initial_epoch=epoch, shuffle=False, validation_data=validation,
-                               verbose=2, callbacks=self.callbacks)
+            history = fit_from(
+                self.fit, self.model, lambda e, step: {"x": x[step * batch_size:],
+                                                       "y": y[step * batch_size:],
+                                                       "batch_size": batch_size},
+                self.epochs, self.steps, saved, self.callbacks, per_epoch=True,
+                until=epoch + 1, shuffle=False, validation_data=validation, verbose=2)
         peak = gpu_peak_mb()
         if peak is not None:
             self.gpu_peak_mb = max(self.gpu_peak_mb or 0, peak)
@@ -408,7 +419,7 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         policies = [policy] + (["float32"] if config.compare else [])
         trainees = [Trainee(p, config, make_model,
                             os.path.join(run_dir, f"{p}_baseline" if i else p),
-                            config.epochs * n // batch_size, strategy, fit,
+                            n // batch_size, strategy, fit,
                             os.path.join(run_dir, "checkpoints", p))
                     for i, p in enumerate(policies)]
         main = trainees[0]

@@ -103,8 +103,8 @@ from experiments.exports import (gzip_bytes, left_in_float, load_model, predicti
 from experiments.files import write_atomically
 from experiments.prune_tfmot import (tfmot_cluster, tfmot_log_final_sparsity, tfmot_modules,
                                      tfmot_prune_model)
-from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs,
-                                   latest_checkpoint, replica_count, restore)
+from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs, fit_from,
+                                   latest_checkpoint, position, replica_count, restore)
 from experiments.tensorboard import log_hparams_trials, log_text_summary, scalar_pb, write_events
 from experiments.user_model import classifier_loss, fresh_model, num_classes_of, users_settings
 from recipes import prune
@@ -112,7 +112,8 @@ from recipes import prune
 # What main.py feeds this recipe: arrays of 28x28 gray images by default.
 DATA = {"form": "arrays", "image_size": 28, "channels": 1}
 TAKES_MODEL = True  # run() takes model=: your keras.Model (Keras engine), pruned from a copy
-RESUMABLE = True  # Keras engine: per-epoch checkpoints of the baseline and each fine-tune
+RESUMABLE = True  # Keras engine: checkpoints (epoch ends, every N steps, on SIGTERM) of the
+# baseline and each fine-tune
 STRATEGIES = ("mirrored", "multi_worker", "data_parallel")  # Keras engine: run(strategy=, fit=)
 HEADLINE = ("engine", "baseline_accuracy", "pruned_accuracy", "accuracy_drop", "sparsity_target",
             "sparsity_measured", "model_sparsity", "baseline_gzip_bytes", "pruned_gzip_bytes",
@@ -150,6 +151,7 @@ class Config:
     clusters: int = 0  # tfmot: after pruning, share N values per kernel, zeros kept; 0: off
     sweep: tuple[float, ...] | None = None  # e.g. 0.5,0.7,0.8,0.9,0.95: also prune to each
     steps_per_epoch: int | None = None  # optional cap on training steps per epoch
+    checkpoint_every_steps: int = 0  # Keras engine: also checkpoint every N steps (0: auto)
     scale_lr_with_replicas: bool = True  # multiply the learning rates by the replica count
     seed: int = 0  # initial weights and shuffling
 
@@ -260,30 +262,44 @@ def api_of(model):
 
 
 def train(model, data, epochs, batch_size, steps_per_epoch, seed, callbacks=(), fit=None,
-          checkpoint_dir=None):
+          checkpoint_dir=None, every_steps=0):
     """fit on in-memory arrays; FloatingPointError when the loss is not finite.
 
     `model` is compiled (Keras 3 or tf_keras alike). With checkpoint_dir (Keras 3
-    models), each epoch is checkpointed there and a checkpoint a killed run left
-    is continued, its optimizer state (the pruning schedule's step) included.
+    models), checkpoints go there (each epoch, every `every_steps` steps, on SIGTERM)
+    and one a stopped run left is continued at its step, its optimizer state (the
+    pruning schedule's step) included; epoch e reads the examples in the order
+    permuted by (seed, e), so a resumed epoch reads the batches it had not reached.
     """
     (x_train, y_train), (x_val, y_val) = data
-    saved = {"epochs_done": 0, "logs": {}}
-    if checkpoint_dir is not None:
-        checkpoint, saved = latest_checkpoint(checkpoint_dir)
-        if checkpoint:
-            print(f"Resuming after epoch {saved['epochs_done']} from {checkpoint}")
-            restore(model, checkpoint)
-        callbacks = [*callbacks, EpochCheckpoint(checkpoint_dir)]  # last: after TensorBoard
     if steps_per_epoch is not None:  # the cap: the first steps x batch examples, each epoch
         # (fit's own steps_per_epoch reads arrays on across epochs and runs out of data)
         x_train, y_train = x_train[:steps_per_epoch * batch_size], y_train[:steps_per_epoch
                                                                            * batch_size]
     fit = fit or type(model).fit
-    history = fit(model, x_train, y_train, batch_size=batch_size, epochs=epochs,
-                  initial_epoch=saved["epochs_done"], validation_data=(x_val, y_val),
-                  shuffle=True, verbose=2,
-                  callbacks=[api_of(model).callbacks.TerminateOnNaN(), *callbacks])
+    callbacks = [api_of(model).callbacks.TerminateOnNaN(), *callbacks]
+    saved = {"epochs_done": 0, "logs": {}}
+    if checkpoint_dir is None:  # tf_keras (tfmot): fit's own shuffle, no resume
+        history = fit(model, x_train, y_train, batch_size=batch_size, epochs=epochs,
+                      validation_data=(x_val, y_val), shuffle=True, verbose=2,
+                      callbacks=callbacks)
+    else:
+        steps = math.ceil(len(x_train) / batch_size)  # the last batch short
+        checkpoint, saved = latest_checkpoint(checkpoint_dir)
+        if checkpoint:
+            print(f"Resuming at {position(saved['epochs_done'], saved['step'], steps)} from "
+                  f"{checkpoint}")
+            restore(model, checkpoint)
+
+        def data_at(epoch, step):
+            order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
+            order = order[step * batch_size:]
+            return {"x": x_train[order], "y": y_train[order], "batch_size": batch_size}
+
+        history = fit_from(fit, model, data_at, epochs, steps, saved, per_epoch=True,
+                           validation_data=(x_val, y_val), shuffle=False, verbose=2,
+                           callbacks=[*callbacks, EpochCheckpoint(  # last: after TensorBoard
+                               checkpoint_dir, every_steps=every_steps)])
     final_loss = final_logs(history, saved)["loss"]
     if not np.isfinite(final_loss) or len(history.history.get("loss", [])) < epochs - saved[
             "epochs_done"]:
@@ -417,7 +433,8 @@ def prune_and_finetune(baseline, loss, data, config, final_sparsity, log_dir, st
           f"({config.schedule}, steps {config.begin_step}..{end_step} every {frequency})")
     with distribution_scope(strategy):
         train(model, data, config.epochs, config.batch_size * replicas, steps, config.seed,
-              callbacks, fit, checkpoint_dir if config.engine == "keras" else None)
+              callbacks, fit, checkpoint_dir if config.engine == "keras" else None,
+              config.checkpoint_every_steps)
     if config.engine == "keras":
         stripped = prune.strip_pruning(model)
     else:
@@ -586,7 +603,8 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
         with distribution_scope(strategy):
             train(baseline, data, baseline_epochs, config.batch_size * replicas, steps,
                   config.seed, tensorboard, fit,
-                  os.path.join(checkpoints, "baseline") if keras_engine else None)
+                  os.path.join(checkpoints, "baseline") if keras_engine else None,
+                  config.checkpoint_every_steps)
     suffix = ".h5" if config.engine == "tfmot" else ".keras"
     baseline_accuracy = accuracy(baseline, x_val, y_val)
     baseline_gzip = save_model(baseline, os.path.join(run_dir, f"baseline{suffix}"))

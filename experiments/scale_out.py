@@ -6,9 +6,14 @@ saving runs collective ops that all workers must join: give each its own run_dir
 (main.py gives the others a temporary one).
 """
 import contextlib
+import functools
 import glob
 import json
 import os
+import signal
+import sys
+import time
+import zipfile
 
 import keras
 import numpy as np
@@ -30,44 +35,194 @@ def distribution_scope(strategy):
     return contextlib.nullcontext() if strategy is None else strategy.scope()
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: the model with its optimizer, and the recipe's own state, atomically.
+# --- checkpoints, preemption and resuming at the exact step --------------------------------
+#
+# Spot machines, Kubernetes evictions and Slurm preemption send SIGTERM, then SIGKILL after a
+# grace period. The CLI's handler (cli/runs.py) only sets STOP; the EpochCheckpoint in the
+# running fit sees it at the end of the step in progress, saves there and raises Preempted,
+# which main.py turns into exit 143 (130 for Ctrl-C). A SIGKILL loses the steps since the last
+# checkpoint: one at each epoch's end, and one every --checkpoint_every_steps within an epoch
+# (by default about every AUTO_EVERY_S seconds, never so often that saving takes more than
+# COST_SHARE of the time).
 
-    epoch_NNNN.json (the epoch's logs and state()) is written first, then the
-    model goes to a temporary name renamed epoch_NNNN.keras, so a kill at any
-    moment leaves the previous pair whole; latest_checkpoint trusts only a
-    .keras that has its .json. (Keras' BackupAndRestore writes in place.) Put
-    it after the TensorBoard callback: the epoch's point is flushed to disk
-    before the checkpoint that makes a resumed run skip that epoch.
+AUTO_EVERY_S = 30.0
+COST_SHARE = 0.05
+KEEP = 2  # checkpoints kept: the newest, and the one before it in case the newest is damaged
+NOTHING_SAVED = {"epochs_done": 0, "step": 0, "partial": {}, "state": {}, "logs": {}}
+SAVE_SECONDS = []  # what each checkpoint of this process took (benchmarks/preempt.py reads it)
+
+
+class Stop:
+    """What a signal asked for (set by the CLI's handler), read between two steps."""
+
+    def __init__(self):
+        self.signum = None  # the signal that asked for a stop, once one has
+        self.training = 0  # fit_from calls running now: their checkpoint saves at the step's end
+
+
+STOP = Stop()
+
+
+class Preempted(BaseException):
+    """A signal stopped training, and a checkpoint of where it stopped is saved.
+
+    A BaseException, as KeyboardInterrupt is: no `except Exception` takes it for a failure.
     """
 
-    def __init__(self, folder, state=None):
+    def __init__(self, signum, where, checkpoint):
+        super().__init__(f"{signal.Signals(signum).name} at {where}")
+        self.signum, self.where, self.checkpoint = signum, where, checkpoint
+
+
+def position(epochs_done, step, steps):
+    """`epoch 3, step 412 of 1500`: where training stands, epochs counted from 1."""
+    return f"epoch {epochs_done + 1}, step {step} of {steps}"
+
+
+def checkpoint_name(epochs_done, step):
+    """epoch_0002 after two epochs; epoch_0002_step_0000412 at step 412 of the third
+    (names sort as the progress they hold)."""
+    return f"epoch_{epochs_done:04d}" + (f"_step_{step:07d}" if step else "")
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Checkpoints of a fit: the model with its optimizer, the position (epochs done and
+    steps done in the next), the running means of that epoch's logs, and state(), the
+    recipe's own (step timings, where a comparison stands, ...).
+
+    Saved at each epoch's end; within an epoch every `every_steps` steps (0: about every
+    AUTO_EVERY_S seconds, spaced at least 1/COST_SHARE times a save's own time apart);
+    and at the end of the step in progress once STOP asks, after which it raises
+    Preempted. The .json goes first, then the model to a temporary name renamed .keras,
+    so a kill or a full disk at any moment leaves the previous pair whole (Keras'
+    BackupAndRestore writes in place); the newest KEEP are kept. A failed write raises
+    OSError saying the previous one is kept. Put it after the TensorBoard callback: the
+    epoch's point is flushed to disk before the checkpoint that makes a resumed run skip
+    that epoch. fit_from tells it where each fit starts, and which TensorBoard to flush.
+    """
+
+    def __init__(self, folder, state=None, every_steps=0):
         super().__init__()
-        self.folder, self.state = folder, state or dict
+        self.folder, self.state, self.every_steps = folder, state or dict, every_steps
+        self.cost, self.epoch_logs = 0.0, {}
+        self.tensorboards = []  # flushed before each save (fit_from gives them)
+        self.start(0, 0, None)
+
+    def start(self, epoch, step, steps, partial=None, logs=None):
+        """The next fit begins at `step` of `epoch` (from 0), `steps` steps per epoch;
+        partial: the means of that epoch's logs over its first `step` steps."""
+        self.epoch, self.first, self.step, self.steps = epoch, step, step, steps
+        self.partial = dict(partial or {})
+        self.epoch_logs = dict(logs or self.epoch_logs)
+        self.saved_step, self.saved_at = self.global_step(), time.monotonic()
+
+    def global_step(self):
+        return self.epoch * (self.steps or 0) + self.step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.epoch:
+            self.start(epoch, 0, self.steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps = self.steps or (self.params or {}).get("steps")
+        self.step = self.first + batch + 1  # batch: the last of steps_per_execution
+        if self.steps and self.step >= self.steps:
+            return  # the epoch's end saves, after validation
+        if self.every_steps:
+            due = self.global_step() - self.saved_step >= self.every_steps
+        else:
+            due = time.monotonic() - self.saved_at >= max(AUTO_EVERY_S, self.cost / COST_SHARE)
+        if due or STOP.signum is not None:
+            path = self.save(self.epoch, self.step, self.means(logs))
+            if STOP.signum is not None:
+                raise Preempted(STOP.signum, position(self.epoch, self.step, self.steps), path)
 
     def on_epoch_end(self, epoch, logs=None):
-        os.makedirs(self.folder, exist_ok=True)
-        stem = os.path.join(self.folder, f"epoch_{epoch + 1:04d}")
-        payload = {"epochs_done": epoch + 1, "state": self.state(),
-                   "logs": {k: float(v) for k, v in (logs or {}).items()}}
+        self.epoch_logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.steps = self.steps or (self.params or {}).get("steps")
+        path = self.save(epoch + 1, 0, {})
+        self.start(epoch + 1, 0, self.steps)
+        if STOP.signum is not None:
+            raise Preempted(STOP.signum, position(epoch + 1, 0, self.steps), path)
 
-        save_json(stem + ".json", payload)
-        write_atomically(stem + ".keras", self.model.save)
-        for older in sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))[:-1]:
+    def means(self, logs):
+        """The epoch's running means so far: this fit's steps joined to a resumed epoch's."""
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        if not self.first:
+            return logs
+        done = self.step - self.first
+        return {k: (self.partial.get(k, v) * self.first + v * done) / self.step
+                for k, v in logs.items()}
+
+    def save(self, epochs_done, step, partial):
+        stem = os.path.join(self.folder, checkpoint_name(epochs_done, step))
+        payload = {"epochs_done": epochs_done, "step": step, "steps_per_epoch": self.steps,
+                   "global_step": epochs_done * (self.steps or 0) + step, "partial": partial,
+                   "state": self.state(), "logs": self.epoch_logs}
+        getattr(self.model, "jax_state_sync", lambda: None)()  # JAX: the step's weights
+        for board in self.tensorboards:  # what the checkpoint counts as done is on disk
+            flush(board)
+        start = time.perf_counter()
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            save_json(stem + ".json", payload)
+            write_atomically(stem + ".keras", self.model.save)
+        except Exception as e:
+            with contextlib.suppress(OSError):
+                os.remove(stem + ".json")  # its model never made it
+            kept = sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))
+            cause = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(f"could not write the checkpoint {stem}.keras ({cause}); "
+                          + (f"the previous one is kept ({kept[-1]})" if kept else
+                             "no earlier checkpoint") + ": free space or make the folder "
+                          "writable, then run the same command with --resume") from e
+        self.cost = time.perf_counter() - start
+        SAVE_SECONDS.append(self.cost)
+        self.saved_step, self.saved_at = epochs_done * (self.steps or 0) + step, time.monotonic()
+        models = sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))
+        for older in models[:-KEEP]:
             os.remove(older)
-            os.remove(older[:-len(".keras")] + ".json")
+        kept = {path[:-len(".keras")] for path in models[-KEEP:]} | {stem}
+        for record in glob.glob(os.path.join(self.folder, "epoch_*.json")):
+            if record[:-len(".json")] not in kept and record < stem + ".json":
+                os.remove(record)  # an older pair's, or one whose model never made it
+        return stem + ".keras"
 
 
 def latest_checkpoint(folder):
-    """(path, {"epochs_done", "state", "logs"}) of the newest whole checkpoint in folder,
-    or (None, {"epochs_done": 0, "state": {}, "logs": {}})."""
+    """(path, saved) of the newest whole checkpoint in folder, or (None, NOTHING_SAVED).
+
+    saved: epochs_done, step (steps done in the next epoch), partial (that epoch's log
+    means so far), state, logs (the last finished epoch's). A .keras whose .json is
+    missing was cut short and is passed over; one whose .json or zip is damaged (a
+    truncated copy, a bad disk) is renamed .damaged, with a one-line warning, and the
+    one before it is taken. RuntimeError (one line) when every checkpoint is damaged.
+    """
+    damaged = []
     for path in sorted(glob.glob(os.path.join(folder, "epoch_*.keras")), reverse=True):
-        try:
-            with open(path[:-len(".keras")] + ".json") as f:
-                return path, json.load(f)
-        except (OSError, ValueError):
+        stem = path[:-len(".keras")]
+        if not os.path.exists(stem + ".json"):
             continue
-    return None, {"epochs_done": 0, "state": {}, "logs": {}}
+        try:
+            with open(stem + ".json") as f:
+                saved = json.load(f)
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad:
+                raise ValueError(f"{bad} fails its CRC check")
+        except Exception as e:  # noqa: BLE001  (any damage reads as damage)
+            damaged.append((path, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"))
+            with contextlib.suppress(OSError):
+                os.replace(path, path + ".damaged")  # never the newest again
+            continue
+        for bad_path, why in damaged:
+            print(f"warning: checkpoint {bad_path} is damaged ({why}); resuming from the one "
+                  f"before it, {os.path.basename(path)}", file=sys.stderr, flush=True)
+        return path, {**NOTHING_SAVED, **saved}
+    if damaged:
+        raise RuntimeError(f"every checkpoint in {folder} is damaged ({damaged[0][1]}): leave "
+                           "out --resume to start anew")
+    return None, dict(NOTHING_SAVED)
 
 
 def restore(model, checkpoint):
@@ -83,6 +238,113 @@ def final_logs(history, saved):
     """The last epoch's logs: from this fit's history, or, when the killed run had finished
     every epoch already (so fit ran none), from its checkpoint."""
     return {k: v[-1] for k, v in history.history.items() if v} or saved["logs"]
+
+
+class FitSpan(keras.callbacks.Callback):
+    """First among the callbacks of one of fit_from's fits: a resumed epoch's logs become
+    the means over all its steps, those before the stop included, before TensorBoard and
+    the checkpoint read them; and fit stops after epoch `last` (from 0), so that its
+    progress lines count the run's epochs ("Epoch 3/5") however its fits are split."""
+
+    def __init__(self, epoch, step, steps, partial, last):
+        super().__init__()
+        self.epoch, self.step, self.steps, self.partial = epoch, step, steps, partial
+        self.last, self.ended = last, False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch and self.step and logs is not None:
+            for key in [k for k in logs if k in self.partial and not k.startswith("val_")]:
+                logs[key] = ((self.partial[key] * self.step + float(logs[key])
+                              * (self.steps - self.step)) / self.steps)
+        if epoch == self.last and not self.model.stop_training:
+            self.model.stop_training = self.ended = True
+
+
+def fit_from(fit, model, data_at, epochs, steps, saved, callbacks, per_epoch=False, until=None,
+             **kwargs):
+    """Trains from where `saved` (latest_checkpoint's) stands up to epoch `until` (default:
+    `epochs`, the run's total): the rest of its epoch, then the epochs after it. Returns
+    a History of all the epochs trained.
+
+    data_at(epoch, step) -> fit's data arguments ({"x": ...} or {"x", "y", "batch_size"})
+    giving the batches an uninterrupted run reads from that step of that epoch on, in the
+    same order: an endless tf.data pipeline (array_batches), or, with per_epoch, that
+    epoch's arrays alone, fit once per epoch. `fit` is called like keras.Model.fit, with
+    kwargs (validation_data, verbose, ...). The EpochCheckpoint among `callbacks` is told
+    where each fit starts; while this runs, a signal (STOP) waits for the step in progress.
+    """
+    epoch, step, partial = saved["epochs_done"], saved.get("step", 0), saved.get("partial", {})
+    until = min(until or epochs, epochs)
+    checkpoints = [c for c in callbacks if isinstance(c, EpochCheckpoint)]
+    boards = [b for b in callbacks if isinstance(b, keras.callbacks.TensorBoard)]
+    for board in boards:  # flushed, not closed, at each fit's end: closed, a writer starts a
+        board.on_train_end = functools.partial(flush, board)  # new file, and TensorBoard
+        # reads files in name order, where ...12.v2 comes before ...2.v2: steps out of order
+    history = keras.callbacks.History()
+    STOP.training += 1
+    try:
+        while epoch < until:
+            last = epoch + 1 if step or per_epoch else until
+            for c in checkpoints:
+                c.start(epoch, step, steps, partial, saved.get("logs"))
+                c.tensorboards = boards
+            span = FitSpan(epoch, step, steps, partial, last - 1)
+            done = fit(model, **data_at(epoch, step), epochs=epochs, initial_epoch=epoch,
+                       **({} if per_epoch else {"steps_per_epoch": steps - step}),
+                       callbacks=[span, *callbacks], **kwargs)
+            for key, values in (getattr(done, "history", None) or {}).items():
+                history.history.setdefault(key, []).extend(values)
+            epoch, step, partial = last, 0, {}
+            if model.stop_training and not span.ended:  # TerminateOnNaN, early stopping
+                break
+            if STOP.signum is not None:  # it came after the epoch's checkpoint
+                raise Preempted(STOP.signum, position(epoch, 0, steps),
+                                latest_checkpoint(checkpoints[0].folder)[0] if checkpoints
+                                else None)
+    finally:
+        STOP.training -= 1
+        for board in boards:  # the points written so far reach the disk
+            del board.on_train_end
+            with contextlib.suppress(Exception):
+                flush(board)
+    return history
+
+
+def flush(board, logs=None):
+    """Writes out what a keras.callbacks.TensorBoard has logged so far."""
+    for writer in getattr(board, "_writers", {}).values():
+        writer.flush()
+
+
+def array_batches(x, y, batch_size, seed, first_step=0):
+    """tf.data: full batches of in-memory (x, y), endless, from global step first_step on.
+
+    Pass p over the data reads it in the order stateless_shuffle draws from (seed, p),
+    so step s's batch is the same in every run: a resumed run starts at the exact batch
+    (nothing is read to skip the steps already done). Each pass drops its last partial
+    batch; an epoch of n // batch_size steps is one pass, a --steps_per_epoch cap runs on
+    across passes. Sharded by data under multi_worker (each worker takes its share of
+    every batch: an in-memory source has no files to shard by).
+    """
+    import tensorflow as tf  # only here: the drop-in files and JAX runs need none
+    n = len(x)
+    batch_size = min(batch_size, n)
+    per_pass = n // batch_size
+    first_pass, skip = divmod(int(first_step), per_pass)
+    # Tensors made here are captured by the map below as its inputs: a NumPy array would be
+    # written into its graph as a constant, which takes seconds per 100 MB.
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+
+    def one_pass(p):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), p]))
+        return tf.data.Dataset.from_tensor_slices(order[:per_pass * batch_size]).batch(batch_size)
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    indices = tf.data.Dataset.range(first_pass, sys.maxsize).flat_map(one_pass).skip(skip)
+    return (indices.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+            .with_options(options).prefetch(tf.data.AUTOTUNE))
 
 
 def fit_by_strategy_run(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto",

@@ -62,8 +62,8 @@ Copy:   the technique is recipes/stream.py (tf_data_pipeline, RandomAffine,
         keras.Model.fit(model, ...) (Keras 3's own fails there; the CLI passes
         one). Each worker reads and decodes every file and keeps its share of
         each batch (DATA sharding), and all run the same steps. Running it again
-        on the same folder continues a killed run: a finished loader is read
-        back, an unfinished one goes on from its last finished epoch.
+        on the same folder continues a stopped run: a finished loader is read
+        back, an unfinished one goes on at the step of its last checkpoint.
 
 Where ImageDataGenerator comes from: Keras 3 dropped it from
 `keras.preprocessing.image`; `tensorflow.keras.preprocessing.image` resolves to
@@ -97,8 +97,8 @@ import tensorflow as tf
 from experiments.files import save_json
 from experiments.image_folder import (EXTENSIONS, class_names_of, printable, scan_folder,
                                       split_scan)
-from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs,
-                                   latest_checkpoint, replica_count, restore)
+from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs, fit_from,
+                                   latest_checkpoint, position, replica_count, restore)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                      log_text_summary)
 from experiments.pixels import PIXEL_RANGES, pixel_range
@@ -115,7 +115,7 @@ HEADLINE = ("generator_input_images_per_sec", "tf_data_input_images_per_sec",
             "generator_val_accuracy", "tf_data_val_accuracy", "skipped_files", "wall_time_s")
 
 LOADERS = ("generator", "tf_data")
-RESUMABLE = True  # per-epoch checkpoints: main.py's --resume continues a killed run
+RESUMABLE = True  # checkpoints (epoch ends, every N steps, on SIGTERM): --resume continues
 STRATEGIES = ("mirrored", "multi_worker")  # run(strategy=, fit=), the tf.data loader only
 TAKES_MODEL = True  # run() takes model=: your keras.Model, trained behind both loaders
 
@@ -137,6 +137,7 @@ class Config:
     input_batches: int | None = None  # batches timed without training (default: one epoch)
     warmup_steps: int = 3  # first steps/batches left out of throughput
     steps_per_execution: int = 1  # training steps per compiled call (>1 cuts per-step overhead)
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: auto)
     validation_fraction: float = 0.2  # held out when the folder has no validation/ sub-tree
     learning_rate: float = 1e-3  # Adam learning rate
     scale_lr_with_replicas: bool = True  # multiply the learning rate by the replica count
@@ -460,13 +461,16 @@ class CallSizes(keras.callbacks.Callback):
             for i in range(steps)]
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append([])
+        if len(self.epochs) <= epoch:  # not the epoch a resumed run goes on with
+            self.epochs.append([])
 
     def on_train_batch_begin(self, batch, logs=None):
         self._begin = batch
 
     def on_train_batch_end(self, batch, logs=None):
-        self.epochs[-1].append((batch + 1 - self._begin, sum(self._sizes[self._begin:batch + 1])))
+        done = sum(n for n, _ in self.epochs[-1])  # steps of this epoch before this call
+        n = batch + 1 - self._begin
+        self.epochs[-1].append((n, sum(self._sizes[done:done + n])))
 
 
 def build_model(image_size, num_classes):
@@ -547,9 +551,12 @@ def fit_loader(name, loader, make_model, config, steps, n_train, run_dir, strate
     """Trains a fresh copy of the model from make_model() on one loader; returns its
     measurements, `measured` (its input's) included.
 
-    After each epoch a checkpoint goes to run_dir/checkpoints/<name>, with the
-    step timings, the input measurements and the time so far; one left by a
-    killed run is continued from its last finished epoch, those kept.
+    After each epoch (and every --checkpoint_every_steps, and on SIGTERM) a checkpoint
+    goes to run_dir/checkpoints/<name>, with the step timings, the input measurements
+    and the time so far; one left by a stopped run is continued at its step, those kept.
+    The loaders take images as they are ready, so a batch order cannot be replayed: the
+    rest of a resumed epoch is its remaining steps on a pass shuffled anew, and the next
+    epoch begins a pass, as in an unbroken run.
     """
     train_data, val_data, _ = loader
     replicas = replica_count(strategy)
@@ -571,8 +578,8 @@ def fit_loader(name, loader, make_model, config, steps, n_train, run_dir, strate
                       metrics=metrics, steps_per_execution=config.steps_per_execution,
                       **users_settings(model, ("steps_per_execution",)))
         if checkpoint:
-            print(f"Resuming --loader={name} after epoch {saved['epochs_done']} from "
-                  f"{checkpoint}")
+            print(f"Resuming --loader={name} at "
+                  f"{position(saved['epochs_done'], saved['step'], steps)} from {checkpoint}")
             restore(model, checkpoint)
         start = time.perf_counter()
 
@@ -581,12 +588,12 @@ def fit_loader(name, loader, make_model, config, steps, n_train, run_dir, strate
                     "train_wall_time_s": earlier_s + time.perf_counter() - start,
                     "train_peak_rss_mb": max(earlier_mb, rss.mb)}
 
-        history = fit(model, train_data, validation_data=val_data, epochs=config.epochs,
-                      initial_epoch=saved["epochs_done"], steps_per_epoch=steps,
-                      shuffle=False, verbose=2,  # both loaders shuffle themselves
-                      callbacks=[timer, sizes, keras.callbacks.TerminateOnNaN(),
-                                 keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, name)),
-                                 EpochCheckpoint(checkpoint_dir, so_far)])
+        history = fit_from(
+            fit, model, lambda epoch, step: {"x": train_data}, config.epochs, steps, saved,
+            validation_data=val_data, shuffle=False, verbose=2,  # the loaders shuffle
+            callbacks=[timer, sizes, keras.callbacks.TerminateOnNaN(),
+                       keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, name)),
+                       EpochCheckpoint(checkpoint_dir, so_far, config.checkpoint_every_steps)])
         wall = earlier_s + time.perf_counter() - start
     logs = final_logs(history, saved)
     if not np.isfinite(logs["loss"]):
@@ -688,7 +695,7 @@ def run(config, run_dir, data, strategy=None, fit=None, model=None):
     like keras.Model.fit(model, dataset, ...) (the default); the CLI passes a
     strategy.run loop for multi_worker, where Keras' fit fails. A loader that
     finished in `run_dir` (a resumed run) is read back, one with a checkpoint
-    continues from its last finished epoch. model: None for this recipe's small
+    continues at its step. model: None for this recipe's small
     CNN, your keras.Model (each loader trains a copy from its weights; yours is
     never changed) or fn(input_shape, num_classes).
     """

@@ -16,8 +16,8 @@ Before each long pass the recipe prints its estimated duration from the first
 timed steps. Both phases run under --strategy=mirrored (all local GPUs) or
 multi_worker (TF_CONFIG's workers), with --batch_size per replica and the
 learning rate times the replica count (--noscale_lr_with_replicas keeps it);
-every epoch is checkpointed, so --resume continues a killed run after its last
-finished epoch, in phase 1 or 2, reading back the cached features it had
+every epoch (and every N steps, and a SIGTERM's step) is checkpointed, so --resume
+continues a stopped run at that step, in phase 1 or 2, reading back the cached features it had
 written instead of running the base again.
 Run:    python main.py --recipe=transfer --weights=none --cache_features
         python main.py --recipe=transfer --data_dir=../shared/data/hymenoptera \\
@@ -62,8 +62,8 @@ Copy:   the technique alone (base, head, preprocessing, cached features, block5
         add strategy=tf.distribute.MirroredStrategy() for several GPUs (batch
         size per replica), and fit=your_fit, called like keras.Model.fit(model,
         ...), to train through your own loop (main.py's strategy.run loop for
-        multi_worker). Running it again on the same folder continues a killed
-        run from its last finished epoch.
+        multi_worker). Running it again on the same folder continues a stopped
+        run at the step of its last checkpoint.
 """
 import dataclasses
 import hashlib
@@ -79,8 +79,9 @@ import numpy as np
 import tensorflow as tf
 
 from experiments.files import write_atomically
-from experiments.scale_out import (EpochCheckpoint, distribution_scope, final_logs,
-                                   latest_checkpoint, replica_count, restore)
+from experiments.scale_out import (NOTHING_SAVED, EpochCheckpoint, array_batches,
+                                   distribution_scope, final_logs, fit_from, latest_checkpoint,
+                                   position, replica_count, restore)
 from experiments.tensorboard import log_text_summary
 from recipes import transfer
 from recipes.step_timer import StepTimer, steady
@@ -88,7 +89,7 @@ from recipes.step_timer import StepTimer, steady
 # What main.py feeds this recipe: a few hundred 64x64 RGB images by default
 # (Config.image_size overrides the size main.py loads them at).
 DATA = {"form": "arrays", "image_size": 64, "channels": 3, "examples": (320, 80)}
-RESUMABLE = True  # per-epoch checkpoints in both phases: main.py's --resume continues a killed run
+RESUMABLE = True  # checkpoints in both phases (epoch ends, every N steps, on SIGTERM): --resume
 STRATEGIES = ("mirrored", "multi_worker")  # run(strategy=, fit=), both phases
 HEADLINE = ("val_accuracy_phase1", "val_accuracy_phase2", "best_val_accuracy", "base_epoch_s",
             "head_epoch_s", "cache_speedup", "trainable_params", "total_params", "wall_time_s")
@@ -120,6 +121,7 @@ class Config:
     export: typing.Literal["none", "saved_model"] = "none"  # also export for serving
     warmup_steps: int = 1  # first steps left out of step timing (they trace and compile)
     steps_per_epoch: int | None = None  # optional cap on training steps per epoch
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: auto)
     seed: int = 0  # initial weights, augmentation and shuffling
 
     def __post_init__(self):
@@ -343,26 +345,31 @@ def fit_phase(model, train, val, label, epochs, initial_epoch, learning_rate, st
     """Compiles `model` at `learning_rate` (a new Adam) and trains it up to `epochs`;
     returns (the last epoch's logs, StepTimer).
 
-    fit: called like keras.Model.fit(model, ...), its default. resume: (checkpoint,
-    saved) from latest_checkpoint: its weights and optimizer state are restored
-    after the compile and training goes on after its last finished epoch (none
-    left: its logs are returned). frozen: weights that must not change.
+    train: a dataset, or data_at(epoch, step) -> {"x": the batches from there on}
+    (fit_from). fit: called like keras.Model.fit(model, ...), its default. resume:
+    (checkpoint, saved) from latest_checkpoint: its weights and optimizer state are
+    restored after the compile and training goes on at its step (none left: its logs
+    are returned). frozen: weights that must not change.
     """
     fit = fit or keras.Model.fit
-    checkpoint, saved = resume or (None, {"epochs_done": 0, "state": {}, "logs": {}})
+    checkpoint, saved = resume or (None, dict(NOTHING_SAVED))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if checkpoint:
-        print(f"Resuming {label} after epoch {saved['epochs_done']} from {checkpoint}")
+        print(f"Resuming {label} at {position(saved['epochs_done'], saved['step'], steps)} "
+              f"from {checkpoint}")
         restore(model, checkpoint)
-    initial_epoch = max(initial_epoch, saved["epochs_done"])
+    if saved["epochs_done"] < initial_epoch:  # this phase starts where the last one ended
+        saved = {**saved, "epochs_done": initial_epoch, "step": 0, "partial": {}}
     before = [w.numpy() for w in frozen]
     timer = timer or StepTimer()
-    estimate = EstimatePrinter(timer, label, steps * (epochs - initial_epoch), config.warmup_steps)
-    history = fit(model, train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=config.steps_per_epoch, verbose=2,
-                  shuffle=False,  # make_dataset shuffles
-                  callbacks=[timer, estimate, keras.callbacks.TerminateOnNaN(), *callbacks])
+    estimate = EstimatePrinter(timer, label, steps * (epochs - saved["epochs_done"])
+                               - saved["step"], config.warmup_steps)
+    history = fit_from(fit, model, train if callable(train) else lambda e, s: {"x": train},
+                       epochs, steps, saved, validation_data=val, verbose=2,
+                       shuffle=False,  # array_batches shuffles
+                       callbacks=[timer, estimate, keras.callbacks.TerminateOnNaN(),
+                                  *callbacks])
     logs = final_logs(history, saved)
     if not np.isfinite(logs["loss"]):
         raise FloatingPointError(f"{label}: training loss became {logs['loss']}; lower "
@@ -440,9 +447,9 @@ def run(config, run_dir, data, strategy=None, fit=None):
     per replica and the learning rate scales with the replica count. `fit`:
     called like keras.Model.fit(model, dataset, ...) (the default); the CLI
     passes a strategy.run loop for MultiWorkerMirroredStrategy, where Keras'
-    fit fails. Each epoch is checkpointed under run_dir/checkpoints: running
-    again on the same run_dir continues a killed run after its last finished
-    epoch, in either phase, and reads back the cached features it had written.
+    fit fails. Each epoch (and every N steps, and a SIGTERM's step) is checkpointed
+    under run_dir/checkpoints: running again on the same run_dir continues a stopped
+    run at that step, in either phase, and reads back the cached features it had written.
     """
     start = time.perf_counter()
     check(config, data)
@@ -464,13 +471,17 @@ def run(config, run_dir, data, strategy=None, fit=None):
     batch_size = min(config.batch_size * replicas, len(x_train))  # one step, all replicas
     lr = config.learning_rate * (replicas if config.scale_lr_with_replicas else 1)
     steps = config.steps_per_epoch or len(x_train) // batch_size
-    repeat = config.steps_per_epoch is not None
     log_dir = os.path.join(run_dir, "train_log")  # both phases: one TensorBoard timeline
     checkpoints = os.path.join(run_dir, "checkpoints")
     save_best = SaveBest(model, os.path.join(run_dir, "best.keras"))
     metrics = {"total_params": count_params(model.weights),
                "trainable_params": count_params(model.trainable_weights), "replicas": replicas}
-    train_images = make_dataset(x_train, y_train, batch_size, config.seed, repeat=repeat)
+
+    def batches(x, y):  # fit_from's data_at: the same batches at every step, in every run
+        return lambda epoch, step: {"x": array_batches(x, y, batch_size, config.seed,
+                                                       epoch * steps + step)}
+
+    train_images = batches(x_train, y_train)
     val_images = make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False)
     phase2 = latest_checkpoint(os.path.join(checkpoints, "phase2"))
 
@@ -483,7 +494,8 @@ def run(config, run_dir, data, strategy=None, fit=None):
         timer = StepTimer()
         continue_state(resume[1], timer, save_best, metrics)
         callbacks = [keras.callbacks.TensorBoard(log_dir), save_best,
-                     EpochCheckpoint(phase1_dir, phase_state(timer, save_best, metrics))]
+                     EpochCheckpoint(phase1_dir, phase_state(timer, save_best, metrics),
+                                     config.checkpoint_every_steps)]
         if config.cache_features:
             f_train, f_val, extract_seconds = kept_features(
                 extractor, x_train, x_val, replica_batch, config,
@@ -494,7 +506,7 @@ def run(config, run_dir, data, strategy=None, fit=None):
                 metrics["feature_extraction_s"] = float(np.sum(extract_seconds))
             with distribution_scope(strategy):
                 logs, timer = fit_phase(
-                    head, make_dataset(f_train, y_train, batch_size, config.seed, repeat=repeat),
+                    head, batches(f_train, y_train),
                     make_dataset(f_val, y_val, batch_size, config.seed, shuffle=False),
                     "phase 1, head on cached features", config.epochs, 0, lr, steps, config,
                     callbacks, fit=fit, resume=resume, timer=timer)
@@ -527,7 +539,8 @@ def run(config, run_dir, data, strategy=None, fit=None):
                 model, train_images, val_images, "phase 2, fine-tuning block5",
                 config.epochs + config.fine_tune_epochs, config.epochs, fine_lr, steps, config,
                 [keras.callbacks.TensorBoard(log_dir), save_best,
-                 EpochCheckpoint(phase2_dir, phase_state(timer, save_best, metrics))],
+                 EpochCheckpoint(phase2_dir, phase_state(timer, save_best, metrics),
+                                 config.checkpoint_every_steps)],
                 fit=fit, resume=phase2, timer=timer)
         metrics["val_accuracy_phase2"] = float(logs["val_accuracy"])
         metrics["fine_tune_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)

@@ -248,3 +248,45 @@ def run_two_workers(args_for, timeout=240):
 def epochs_printed(stdout):
     """The N/M of each of Keras' own `Epoch N/M` progress lines, in order."""
     return [line.split()[1] for line in stdout.splitlines() if line.startswith("Epoch ")]
+
+
+def start_cli(*args, env=None, **popen):
+    """`python main.py ARGS` started, its stdout and stderr piped as text."""
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or ENV, **popen)
+
+
+def read_until(process, marker, timeout=240):
+    """Lines of stdout up to and including the first that contains `marker`."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"never saw {marker!r}; got {lines[-5:]}")
+
+
+def stop_with_signal(args, marker, signum, delay=0.3, env=None, timeout=60):
+    """Runs the CLI, sends `signum` `delay` s after the stdout line holding `marker`;
+    returns (exit code, stdout, stderr, seconds from the signal to the exit)."""
+    process = start_cli(*args, env=env)
+    seen = read_until(process, marker)
+    time.sleep(delay)
+    process.send_signal(signum)
+    sent = time.monotonic()
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, "".join(seen) + out, err, time.monotonic() - sent
+
+
+def interrupted_at(run_dir):
+    """(signal name, epoch, step) from a run folder's INTERRUPTED marker."""
+    import re
+    text = (pathlib.Path(run_dir) / "INTERRUPTED").read_text()
+    found = re.search(r"(SIG\w+) at epoch (\d+), step (\d+) of", text)
+    assert found, text
+    return found.group(1), int(found.group(2)), int(found.group(3))

@@ -1,16 +1,17 @@
-"""Runs that die, are interrupted or are spread over workers never lose finished work."""
+"""Runs that die, are interrupted or are spread over workers never lose finished work.
+
+(SIGTERM, damaged checkpoints and failed checkpoint writes: test_preempt.py.)"""
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, epochs_printed, error_lines, only_run_dir,
-                     read_tensorboard_tags, run_cli, run_two_workers)
+from helpers import (ENV, REPO, epochs_printed, error_lines, interrupted_at, only_run_dir,
+                     read_tensorboard_tags, read_until, run_cli, run_two_workers, start_cli)
 
 import main
 from experiments import batch
@@ -19,25 +20,6 @@ from experiments import batch
 # to stop the run inside the epoch we aim at.
 LONG_RUN = ["--recipe=batch", "--batch_sizes=4", "--epochs=5", "--steps_per_epoch=400",
             "--warmup_steps=1"]
-
-
-def start_cli(*args):
-    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-
-
-def read_until(process, marker, timeout=240):
-    """Lines of stdout up to and including the first that contains `marker`."""
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    process.kill()
-    raise AssertionError(f"never saw {marker!r}; got {lines[-5:]}")
 
 
 def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
@@ -51,7 +33,7 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
 
     second = run_cli(*LONG_RUN, f"--logdir={logdir}", "--resume")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "after epoch 2" in second.stdout
+    assert "at epoch 3, step 0 of 400" in second.stdout
     assert epochs_printed(second.stdout) == ["3/5", "4/5", "5/5"]
     assert only_run_dir(logdir, "batch") == run_dir  # the same folder, continued
     assert json.loads((run_dir / "metrics.json").read_text())["best_batch_size"] == 4
@@ -59,7 +41,7 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
     assert len(tags["epoch_loss"]) == 5  # the full history on one timeline
 
 
-def test_ctrl_c_keeps_checkpoint_and_exits_130(tmp_path):
+def test_ctrl_c_saves_the_step_it_stopped_at_and_exits_130(tmp_path):
     logdir = tmp_path / "runs"
     process = start_cli(*LONG_RUN, f"--logdir={logdir}")
     read_until(process, "Epoch 2/5")
@@ -70,7 +52,8 @@ def test_ctrl_c_keeps_checkpoint_and_exits_130(tmp_path):
     run_dir = only_run_dir(logdir, "batch")
     assert (run_dir / "INTERRUPTED").exists() and not (run_dir / "metrics.json").exists()
     checkpoint, saved = batch.latest_checkpoint(str(run_dir / "checkpoints" / "batch_4"))
-    assert saved["epochs_done"] == 1
+    assert saved["epochs_done"] == 1 and saved["step"] >= 1  # inside epoch 2, at a step's end
+    assert interrupted_at(run_dir) == ("SIGINT", 2, saved["step"])
     import keras
     assert keras.models.load_model(checkpoint).optimizer is not None
 
@@ -91,8 +74,8 @@ def test_failed_checkpoint_save_leaves_previous_checkpoint_whole(tmp_path, tiny_
     model.save = crash_mid_write
     with pytest.raises(OSError):
         saver.on_epoch_end(1)
-    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.json", "epoch_0001.keras",
-                                            "epoch_0002.json"]  # 2's model never made it
+    # 2's model never made it, and its record went with it
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.json", "epoch_0001.keras"]
     assert batch.latest_checkpoint(str(tmp_path))[1]["epochs_done"] == 1
 
 

@@ -1,9 +1,10 @@
-"""--resume after a SIGKILL, and --strategy=data_parallel on JAX, for mixed_precision and prune.
+"""--resume after a SIGKILL or a SIGTERM, and --strategy=data_parallel on JAX, for
+mixed_precision and prune.
 
-(batch: tests/test_faults.py; transfer and stream: their own test files.) A
-resumed run continues in the same folder from the last finished epoch: it
-prints only the epochs it had not finished and leaves one TensorBoard point
-per epoch.
+(batch: tests/test_faults.py and test_preempt.py; transfer and stream: their own test
+files.) A resumed run continues in the same folder from its last checkpoint (the last
+finished epoch after a SIGKILL, the step a SIGTERM stopped at): it prints only the
+epochs it had not finished and leaves one TensorBoard point per epoch.
 """
 import json
 import signal
@@ -12,9 +13,9 @@ import sys
 
 import pytest
 
-from helpers import (ENV, REPO, epochs_printed, only_run_dir, read_tensorboard_steps,
-                     read_tensorboard_tags, run_cli)
-from test_faults import read_until, start_cli
+from helpers import (ENV, REPO, epochs_printed, interrupted_at, only_run_dir,
+                     read_tensorboard_steps, read_tensorboard_tags, read_until, run_cli,
+                     start_cli, stop_with_signal)
 
 
 def policy_epochs(stdout):
@@ -33,6 +34,24 @@ def kill_then_resume(args, logdir, marker, recipe):
     assert second.returncode == 0, second.stderr[-3000:]
     assert only_run_dir(logdir, recipe) == run_dir  # the same folder, continued
     return run_dir, second.stdout, json.loads((run_dir / "metrics.json").read_text())
+
+
+def sigterm_then_resume(args, logdir, marker, recipe, delay=0.5):
+    """SIGTERM `delay` s after `marker`: exit 143 with a checkpoint at that step; the same
+    command with --resume finishes. Returns (run folder, resumed stdout, metrics, epoch,
+    step) where epoch (from 1) and step are the marker's."""
+    code, _, err, seconds = stop_with_signal([*args, f"--logdir={logdir}"], marker,
+                                             signal.SIGTERM, delay=delay)
+    assert code == 143, err[-3000:]
+    assert seconds < 25
+    run_dir = only_run_dir(logdir, recipe)
+    name, epoch, step = interrupted_at(run_dir)
+    assert name == "SIGTERM" and step > 0, (epoch, step)
+    second = run_cli(*args, f"--logdir={logdir}", "--resume", timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert only_run_dir(logdir, recipe) == run_dir  # the same folder, continued
+    return (run_dir, second.stdout, json.loads((run_dir / "metrics.json").read_text()), epoch,
+            step)
 
 
 # 30 steps of 64: an epoch takes a second or two here, so the kill lands inside the next.
@@ -55,6 +74,19 @@ def test_prune_killed_resumes_with_the_pruning_schedule_where_it_was(tmp_path, m
         assert steps == list(range(epochs)), (phase, steps)
 
 
+def test_prune_sigterm_in_the_fine_tune_resumes_at_that_step_of_the_schedule(tmp_path):
+    args = ["--recipe=prune", "--baseline_epochs=1", "--epochs=3"]  # 94 steps of 64
+    run_dir, stdout, metrics, epoch, step = sigterm_then_resume(
+        args, tmp_path / "runs", "Epoch 2/3", "prune", delay=0.3)
+    assert epoch == 2 and step < 94
+    assert f"Resuming at epoch 2, step {step} of 94" in stdout
+    assert epochs_printed(stdout) == ["2/3", "3/3"]
+    # The schedule's step is the optimizer's: it ends where an unbroken run does.
+    assert metrics["finetune_steps"] == 3 * 94 == metrics["pruning_end_step"]
+    assert metrics["sparsity_measured"] == pytest.approx(0.8, abs=1e-3)
+    assert read_tensorboard_steps(run_dir / "pruned" / "train")["epoch_loss"] == [0, 1, 2]
+
+
 MIXED = ["--recipe=mixed_precision", "--policy=mixed_bfloat16", "--compare", "--epochs=3",
          "--steps_per_epoch=12", "--batch_size=32", "--filters=8,8", "--dense_units=8"]
 
@@ -67,13 +99,28 @@ def test_mixed_precision_compare_killed_resumes_both_policies(tmp_path):
     assert policy_epochs(stdout) == [
         "-- epoch 2/3 mixed_bfloat16", "-- epoch 3/3 mixed_bfloat16",
         "-- epoch 3/3 float32 (baseline)"]
-    assert "Resuming float32 after epoch 2" in stdout
-    assert "Resuming mixed_bfloat16 after epoch 1" in stdout
+    assert "Resuming float32 at epoch 3, step 0 of 12" in stdout
+    assert "Resuming mixed_bfloat16 at epoch 2, step 0 of 12" in stdout
     for folder, prefix in (("mixed_bfloat16", ""), ("float32_baseline", "float32_")):
         assert read_tensorboard_steps(run_dir / folder / "train")["epoch_loss"] == [0, 1, 2]
         # the reported accuracy is the last epoch's, trained by the resumed run
         last = read_tensorboard_tags(run_dir / folder / "validation")["epoch_accuracy"][-1]
         assert metrics[prefix + "val_accuracy"] == pytest.approx(last, abs=1e-6)
+
+
+def test_mixed_precision_sigterm_saves_the_step_and_resume_goes_on_from_it(tmp_path):
+    args = ["--recipe=mixed_precision", "--policy=mixed_bfloat16", "--compare", "--epochs=2",
+            "--steps_per_epoch=200", "--batch_size=32", "--filters=8,8", "--dense_units=8"]
+    # Epoch 2 runs float32 first, then mixed_bfloat16: stopped inside the latter's.
+    run_dir, stdout, metrics, epoch, step = sigterm_then_resume(
+        args, tmp_path / "runs", "-- epoch 2/2 mixed_bfloat16", "mixed_precision")
+    assert epoch == 2 and step < 200
+    assert f"Resuming mixed_bfloat16 at epoch 2, step {step} of 200" in stdout
+    assert "Resuming float32 at epoch 3, step 0 of 200" in stdout  # float32 had finished
+    assert policy_epochs(stdout) == ["-- epoch 2/2 mixed_bfloat16"]
+    for folder in ("mixed_bfloat16", "float32_baseline"):
+        assert read_tensorboard_steps(run_dir / folder / "train")["epoch_loss"] == [0, 1]
+    assert 0 <= metrics["val_accuracy"] <= 1
 
 
 DATA_PARALLEL = """

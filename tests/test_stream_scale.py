@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, epochs_printed, error_lines, only_run_dir,
-                     read_tensorboard_steps, read_tensorboard_tags, run_cli, run_two_workers)
-from test_faults import read_until, start_cli
+from helpers import (ENV, REPO, epochs_printed, error_lines, interrupted_at, only_run_dir,
+                     read_tensorboard_steps, read_tensorboard_tags, read_until, run_cli,
+                     run_two_workers, start_cli, stop_with_signal)
 from test_stream import SIZE, TINY, write_tree
 
 
@@ -45,7 +45,7 @@ def test_killed_compare_run_resumes_tf_data_and_keeps_the_finished_generator(tmp
     out = second.stdout
     assert "--loader=generator: finished in an earlier run, kept" in out
     assert "Found " not in out  # the generator's folders were not even listed again
-    assert "Resuming --loader=tf_data after epoch 2" in out
+    assert "Resuming --loader=tf_data at epoch 3, step 0 of 40" in out
     assert epochs_printed(out) == ["3/4", "4/4"]
     assert only_run_dir(tmp_path / "runs", "stream") == run_dir  # the same folder, continued
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -60,6 +60,28 @@ def test_killed_compare_run_resumes_tf_data_and_keeps_the_finished_generator(tmp
     for loader in ("generator", "tf_data"):  # the full history, one point per epoch
         assert read_tensorboard_steps(run_dir / loader / "train")["epoch_loss"] == [0, 1, 2, 3]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_resume_runs_the_rest_of_the_epoch(tmp_path):
+    # 80 steps an epoch; the signal lands in epoch 1, whose first step also compiles.
+    root = write_tree(tmp_path / "data", per_class=100)
+    args = stream_cli(root, tmp_path / "runs", "--epochs=2")
+    code, _, err, seconds = stop_with_signal(args, "Epoch 1/2", signal.SIGTERM, delay=0.2)
+    assert code == 143 and seconds < 25, err[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs", "stream")
+    name, epoch, step = interrupted_at(run_dir)
+    assert (name, epoch) == ("SIGTERM", 1) and 0 < step < 80, (epoch, step)
+    assert (run_dir / "checkpoints" / "tf_data" / f"epoch_0000_step_{step:07d}.keras").exists()
+
+    second = run_cli(*args, "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"Resuming --loader=tf_data at epoch 1, step {step} of 80" in second.stdout
+    assert epochs_printed(second.stdout) == ["1/2", "2/2"]
+    assert read_tensorboard_steps(run_dir / "tf_data" / "train")["epoch_loss"] == [0, 1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the stopped epoch's steps before and after the signal make one epoch
+    assert "tf_data_epoch2_images_per_sec" in metrics
+    assert "tf_data_epoch3_images_per_sec" not in metrics
 
 
 def test_a_run_killed_after_its_last_epoch_reports_the_checkpoints_numbers(
@@ -80,7 +102,7 @@ def test_a_run_killed_after_its_last_epoch_reports_the_checkpoints_numbers(
 
     metrics = stream.run(config, str(tmp_path / "run"), (root, None))
     out = capsys.readouterr().out
-    assert "Resuming --loader=tf_data after epoch 2" in out and not epochs_printed(out)
+    assert "Resuming --loader=tf_data at epoch 3, step 0 of" in out and not epochs_printed(out)
     assert metrics["tf_data_val_accuracy"] == pytest.approx(saved["logs"]["val_accuracy"])
     assert metrics["tf_data_step_time_ms_p50"] > 0  # from the killed run's step timings
     assert len(read_tensorboard_tags(tmp_path / "run" / "tf_data" / "train")["epoch_loss"]) == 2

@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import (ENV, REPO, epochs_printed, only_run_dir, read_tensorboard_steps,
-                     read_tensorboard_tags, run_cli, run_two_workers)
-from test_faults import read_until, start_cli
+from helpers import (ENV, REPO, epochs_printed, interrupted_at, only_run_dir,
+                     read_tensorboard_steps, read_tensorboard_tags, read_until, run_cli,
+                     run_two_workers, start_cli, stop_with_signal)
 from experiments import transfer
 from experiments.scale_out import EpochCheckpoint, latest_checkpoint
 from recipes import transfer as dropin
@@ -50,7 +50,7 @@ def test_killed_run_resumes_after_its_last_finished_epoch_in_either_phase(where,
     second = run_cli(*command, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert only_run_dir(tmp_path, "transfer") == run_dir  # the same folder, continued
-    assert f"after epoch {done} from" in second.stdout
+    assert f"at epoch {done + 1}, step 0 of 4 from" in second.stdout
     total = 5
     phase1_left = [f"{e}/3" for e in range(done + 1, 4)]
     phase2_left = [f"{e}/5" for e in range(max(done, 3) + 1, total + 1)]
@@ -69,6 +69,29 @@ def test_killed_run_resumes_after_its_last_finished_epoch_in_either_phase(where,
     assert not (run_dir / "checkpoints").exists()  # removed once the run is done
     train_log = run_dir / "train_log" / "train"
     assert read_tensorboard_steps(train_log)["epoch_loss"] == list(range(total))  # each once
+
+
+def test_sigterm_in_each_phase_saves_that_step_and_resume_goes_on_from_it(tmp_path):
+    command = [*TINY, "--steps_per_epoch=40", "--epochs=2", "--fine_tune_epochs=1",
+               f"--logdir={tmp_path}"]
+    stops = []
+    for phase, epoch_at, marker in ((1, 1, "Epoch 1/2"), (2, 3, "Epoch 3/3")):  # then resumed
+        code, out, err, seconds = stop_with_signal(command + ["--resume"] * (phase - 1),
+                                                   marker, signal.SIGTERM)
+        assert code == 143 and seconds < 25, err[-3000:]
+        run_dir = only_run_dir(tmp_path, "transfer")
+        name, epoch, step = interrupted_at(run_dir)
+        assert (name, epoch) == ("SIGTERM", epoch_at) and 0 < step < 40, (phase, epoch, step)
+        assert (run_dir / "checkpoints" / f"phase{phase}"
+                / f"epoch_{epoch_at - 1:04d}_step_{step:07d}.keras").exists()
+        stops.append(step)
+    assert f"Resuming phase 1, head through the frozen base at epoch 1, step {stops[0]} of 40" in out
+    last = run_cli(*command, "--resume")
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert f"Resuming phase 2, fine-tuning block5 at epoch 3, step {stops[1]} of 40" in last.stdout
+    assert epochs_printed(last.stdout) == ["3/3"]
+    assert read_tensorboard_steps(run_dir / "train_log" / "train")["epoch_loss"] == [0, 1, 2]
+    assert (run_dir / "final.keras").is_file() and not (run_dir / "checkpoints").exists()
 
 
 def tiny_config(**overrides):
