@@ -78,10 +78,25 @@ def test_a_slow_input_pipeline_puts_the_pipeline_change_at_the_top(tmp_path):
 SLOWER_16_BIT = """
 import json, sys, numpy as np, keras
 from experiments import advise
+
+
+class CostlyIn16Bit(keras.layers.Layer):
+    # Under a 16-bit policy, 20 extra 512x512 matmuls per example (~8x the MLP's own
+    # work): slower than float32 on any CPU, AMX's bfloat16 included.
+
+    def call(self, x):
+        if self.compute_dtype == "float32":
+            return x
+        extra, w = x, keras.ops.full((512, 512), 1 / 512, dtype=self.compute_dtype)
+        for _ in range(20):
+            extra = keras.ops.tanh(keras.ops.matmul(extra, w))
+        return x + 1e-3 * extra
+
+
 rng = np.random.default_rng(0)
 x, y = rng.random((2048, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 2048)
 mlp = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                        keras.layers.Dense(512, activation="relu"),
+                        keras.layers.Dense(512, activation="relu"), CostlyIn16Bit(),
                         keras.layers.Dense(512, activation="relu"), keras.layers.Dense(10)])
 m = advise.run(advise.Config(batch_size=256, max_batch_size=256, budget_s=15, repeats=2),
                sys.argv[1], ((x, y), (x[:256], y[:256])), model=mlp)
@@ -90,7 +105,8 @@ print("METRICS " + json.dumps(m, default=str))
 
 
 def test_16_bit_that_measures_slower_is_not_recommended(tmp_path):
-    # A dense MLP on Keras' JAX backend on a CPU: XLA's bfloat16 ran it ~0.6x float32 here.
+    # A dense MLP on Keras' JAX backend on a CPU. XLA's bfloat16 ran the plain MLP ~0.6x float32
+    # here but 1.00x on CI's CPU, so a layer makes 16 bits several times slower on any CPU.
     result = subprocess.run([sys.executable, "-c", SLOWER_16_BIT, str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=400,
                             env={**ENV, "KERAS_BACKEND": "jax"})
