@@ -10,7 +10,11 @@ job runs in this process (a subprocess would import the backend again and copy
 the data: ~5 s). For each device: wall time, examples/s (the first compiled
 call left out), time to the first step, validation accuracy, and the job's cost
 at --price_per_hour. It says which device is cheaper per job and by how much,
-and the break-even speedup (the price ratio) a GPU must beat to pay off.
+and the break-even speedup (the price ratio) a GPU must beat to pay off. A
+spot price (gpu_spot:0.45, cpu_spot:..., gpu_spot:N:...) adds the job's cost on
+that preemptible machine: its wall time plus the checkpoints a resumable run saves
+there (one per epoch, one every 30 s), each timed saving the job's own model on
+its device, and the cheapest option of all (cheapest_option).
 Where the time goes: each job also times a float32 matmul of the first
 layer's shape on its device, so the job's arithmetic floor (6 FLOP per weight
 per example) is printed beside its wall time. A job this small is mostly
@@ -97,7 +101,8 @@ DEVICE_NAME = re.compile(r"^(cpu|gpu:\d+)$")
 @dataclasses.dataclass
 class Config:
     devices: str = "auto"  # comma list of cpu, gpu:N; auto = the CPU and every GPU nvidia-smi lists
-    price_per_hour: str = "cpu:0.40,gpu:1.20"  # device:price per hour; gpu prices every GPU, gpu:N one
+    price_per_hour: str = "cpu:0.40,gpu:1.20"  # device:price per hour; gpu prices every GPU,
+    # gpu:N one; gpu_spot (cpu_spot, gpu_spot:N) a preemptible machine's, its checkpoints added
     epochs: int = 5  # epochs of the job on each device
     batch_size: int = 100  # examples per step; bigger batches shrink per-step overhead (try 1000)
     learning_rate: float = 0.001  # SGD learning rate
@@ -334,7 +339,8 @@ def train_job(config, data, weights=None, log_dir=None, model=None):
         raise FloatingPointError(f"training loss became {job['loss']}; lower --learning_rate")
     return {**call_throughput(job["calls"], job["first_call_s"], config.batch_size),
             **{key: job[key] for key in ("wall_time_s", "loss", "val_loss", "val_accuracy",
-                                         "steps_per_execution", "xla")}}
+                                         "steps_per_execution", "xla", "checkpoint_s",
+                                         "epochs")}}
 
 
 def log_history(log_dir, history):

@@ -4,8 +4,10 @@ Shows:  your model copied onto each device (keras.device) with the same initial 
         trained there with SGD and timed (the clock waits for the device; the first
         compiled call, which traces and compiles, is timed apart), then each job's cost
         at its device's hourly price: the cheaper device, by how much, and the
-        break-even speedup (the price ratio) a GPU must beat to pay off.
-Run:    python main.py --recipe=device --price_per_hour=cpu:0.40,gpu:1.20
+        break-even speedup (the price ratio) a GPU must beat to pay off. A spot or
+        preemptible price (gpu_spot:0.45) adds that machine's cost per job with the
+        checkpoints it must save, timed on the job's own model.
+Run:    python main.py --recipe=device --price_per_hour=cpu:0.40,gpu:1.20,gpu_spot:0.45
         # the measured experiment: a subprocess per device, the arithmetic floor
 Expect: build_model's 784-500-10 from initial_weights, 5 epochs of batch 100 on 12,000
         28x28 shapes, 2 CPU cores shared with other jobs, no GPU: 2.6-3.6 s on JAX (val
@@ -15,7 +17,7 @@ Expect: build_model's 784-500-10 from initial_weights, 5 epochs of batch 100 on 
 Copy:   this file alone, then
             results = {d: job_on_device(model, d, x, y, x_val, y_val, epochs=2)
                        for d in local_devices()}  # "cpu", "gpu:0", ...
-            lines, verdict = compare_costs(results, parse_prices("cpu:0.40,gpu:1.20"))
+            lines, verdict = compare_costs(results, parse_prices("cpu:0.40,gpu:1.20,gpu_spot:0.45"))
             for line in lines:
                 print(line)
             # verdict: cheapest_device, cpu_cost_usd, break_even_speedup, ...
@@ -25,13 +27,18 @@ Copy:   this file alone, then
         the experiment does.
 """
 import math
+import os
 import re
+import tempfile
 import time
 
 import keras
 import numpy as np
 
-PRICE_NAME = re.compile(r"^(cpu|gpu|gpu:\d+)$")
+PRICE_NAME = re.compile(r"^(cpu|gpu)(_spot)?(:\d+)?$")
+# On a spot machine a run saves a checkpoint at each epoch's end and every this many seconds
+# (the repository's CLI default), so that a preemption loses little; they cost time there.
+CHECKPOINT_EVERY_S = 30.0
 
 
 def initial_weights(input_dim, hidden_units, num_classes, seed):
@@ -123,9 +130,19 @@ def train_job(model, x, y=None, x_val=None, y_val=None, *, epochs=5, batch_size=
         verbose=0, **({"x": x_val, "y": y_val, "batch_size": batch_size} if arrays
                       else {"x": x_val}))[:2]
     return {"wall_time_s": wall, "first_call_s": timer.first_call_s, "calls": timer.calls,
+            "checkpoint_s": checkpoint_seconds(model), "epochs": epochs,
             "history": history.history, "loss": history.history["loss"][-1],
             "val_loss": val_loss, "val_accuracy": val_accuracy,
             "steps_per_execution": model.steps_per_execution, "xla": xla}
+
+
+def checkpoint_seconds(model):
+    """Seconds to save `model`'s weights and optimizer state (what a checkpoint holds):
+    one checkpoint's cost. (save_weights: model.save imports TensorFlow on JAX.)"""
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        model.save_weights(os.path.join(folder, "checkpoint.weights.h5"))
+        return time.perf_counter() - start
 
 
 def job_on_device(model, device, x, y=None, x_val=None, y_val=None, **settings):
@@ -162,7 +179,8 @@ def local_devices():
 # --- the cost verdict ---------------------------------------------------------------
 
 def parse_prices(text):
-    """'cpu:0.40,gpu:1.20' -> {'cpu': 0.4, 'gpu': 1.2}; needs a cpu and a gpu price."""
+    """'cpu:0.40,gpu:1.20,gpu_spot:0.45' -> {'cpu': 0.4, 'gpu': 1.2, 'gpu_spot': 0.45}; needs
+    a cpu and a gpu price (on demand); _spot names a preemptible machine's price."""
     prices = {}
     for item in filter(None, (part.strip().lower() for part in text.split(","))):
         name, _, value = item.rpartition(":")
@@ -172,17 +190,21 @@ def parse_prices(text):
             price = None
         if not PRICE_NAME.match(name) or price is None or not math.isfinite(price) or price < 0:
             raise ValueError(f"--price_per_hour: {item!r} is not device:price; write e.g. "
-                             "cpu:0.40,gpu:1.20 (devices cpu, gpu or gpu:N, prices >= 0)")
+                             "cpu:0.40,gpu:1.20,gpu_spot:0.45 (devices cpu, gpu or gpu:N, "
+                             "each also _spot; prices >= 0)")
         prices[name] = price
-    if "cpu" not in prices or not any(name.startswith("gpu") for name in prices):
+    if "cpu" not in prices or not any(re.match(r"gpu(:|$)", name) for name in prices):
         raise ValueError(f"--price_per_hour needs a cpu and a gpu price, got {text!r}; "
                          "write e.g. cpu:0.40,gpu:1.20")
     return prices
 
 
-def price_of(device, prices):
-    """The hourly price of 'cpu' or 'gpu:N' (gpu:N's own price, else the gpu price), or None."""
-    return prices.get(device, prices.get(device.split(":")[0]))
+def price_of(device, prices, spot=False):
+    """The hourly price of 'cpu' or 'gpu:N' (gpu:N's own price, else the gpu price), on
+    demand or with spot=True preemptible (gpu_spot:N, gpu_spot), or None."""
+    kind, _, index = device.partition(":")
+    kind += "_spot" if spot else ""
+    return prices.get(f"{kind}:{index}" if index else kind, prices.get(kind))
 
 
 def metric_prefix(device):
@@ -203,11 +225,19 @@ def compare_costs(results, prices):
         metrics[f"{metric_prefix(device)}_cost_usd"] = cost
         lines.append(f"{device}: {r['wall_time_s']:.2f} s per job at "
                      f"${price_of(device, prices):.2f}/h = ${cost:.6f} per job")
+    for device, r in ok.items():
+        if price_of(device, prices, spot=True) is not None:
+            lines.append(spot_cost(device, r, prices, metrics))
     cpu_price = prices["cpu"]
-    gpu_price = prices.get("gpu", next(p for n, p in prices.items() if n.startswith("gpu")))
+    gpu_price = next(p for n, p in prices.items() if re.match(r"gpu(:|$)", n))  # gpu, or a gpu:N
+    gpu_price = prices.get("gpu", gpu_price)
     gpus = [d for d in ok if d != "cpu"]
     if ok:
         metrics["cheapest_device"] = min(ok, key=lambda d: metrics[f"{metric_prefix(d)}_cost_usd"])
+        options = {**{d: metrics[f"{metric_prefix(d)}_cost_usd"] for d in ok},
+                   **{f"{d} spot": metrics[f"{metric_prefix(d)}_spot_cost_usd"] for d in ok
+                      if f"{metric_prefix(d)}_spot_cost_usd" in metrics}}
+        metrics["cheapest_option"] = min(options, key=options.get)
     if "cpu" in ok and gpus:
         for gpu in gpus:
             lines.append(gpu_verdict(gpu, ok, prices, metrics))
@@ -220,10 +250,33 @@ def compare_costs(results, prices):
                      f"gpu ${gpu_price:.2f}/h vs cpu ${cpu_price:.2f}/h a "
                      f"GPU pays off only if it runs this job more than {break_even:.2f}x as fast, "
                      f"i.e. in under {cpu_time / break_even:.2f} s.")
+        spot = price_of("gpu", prices, spot=True)
+        if spot is not None and cpu_price > 0:
+            metrics["break_even_speedup_spot"] = spot / cpu_price
+            lines.append(f"A spot GPU at ${spot:.2f}/h pays off if it runs it more than "
+                         f"{spot / cpu_price:.2f}x as fast, its checkpoints included.")
     for device, r in results.items():
         if "error" in r:
             lines.append(f"{device} FAILED (left out of the verdict): {r['error']}")
     return lines, metrics
+
+
+def spot_cost(device, r, prices, metrics, every_s=CHECKPOINT_EVERY_S):
+    """The job on a spot machine: its wall time plus the checkpoints a preemptible run
+    saves (one per epoch and one every every_s seconds, at r['checkpoint_s'] each) at
+    the spot price; one line, and metrics added."""
+    save_s = r.get("checkpoint_s", 0.0)
+    overhead = save_s * (r.get("epochs", 1) + r["wall_time_s"] // every_s)
+    cost = (r["wall_time_s"] + overhead) / 3600 * price_of(device, prices, spot=True)
+    on_demand = metrics[f"{metric_prefix(device)}_cost_usd"]
+    metrics.update({f"{metric_prefix(device)}_spot_cost_usd": cost,
+                    f"{metric_prefix(device)}_checkpoint_overhead_s": overhead,
+                    f"{metric_prefix(device)}_checkpoint_overhead_share":
+                        overhead / r["wall_time_s"]})
+    return (f"{device} spot: {r['wall_time_s']:.2f} s + {overhead:.2f} s of checkpoints "
+            f"({overhead / r['wall_time_s']:.1%}) at ${price_of(device, prices, spot=True):.2f}"
+            f"/h = ${cost:.6f} per job, {1 - cost / on_demand:.0%} less than on demand"
+            if on_demand > 0 else f"{device} spot: ${cost:.6f} per job")
 
 
 def gpu_verdict(gpu, ok, prices, metrics):

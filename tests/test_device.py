@@ -90,6 +90,29 @@ def test_without_gpu_the_verdict_states_the_speedup_a_gpu_needs():
     assert "No GPU" in verdict and "more than 3.00x" in verdict and "under 4.00 s" in verdict
 
 
+def test_a_spot_price_adds_the_job_with_its_checkpoints_at_that_price():
+    prices = dropin.parse_prices("cpu:0.40,gpu:1.20,gpu_spot:0.30,gpu_spot:1:0.90")
+    assert dropin.price_of("gpu:0", prices, spot=True) == 0.30
+    assert dropin.price_of("gpu:1", prices, spot=True) == 0.90
+    assert dropin.price_of("cpu", prices, spot=True) is None
+    results = {"cpu": {"wall_time_s": CPU_S, "checkpoint_s": 0.5, "epochs": 5},
+               "gpu:0": {"wall_time_s": GPU_S, "checkpoint_s": 0.5, "epochs": 5}}
+    lines, metrics = dropin.compare_costs(results, prices)
+    # 5 epoch-end checkpoints and 2 timed ones (every 30 s of 62.6 s), 0.5 s each
+    assert metrics["gpu0_checkpoint_overhead_s"] == pytest.approx(3.5)
+    assert metrics["gpu0_spot_cost_usd"] == pytest.approx((GPU_S + 3.5) / 3600 * 0.30)
+    assert "cpu_spot_cost_usd" not in metrics  # no cpu_spot price
+    assert metrics["cheapest_device"] == "cpu" and metrics["cheapest_option"] == "gpu:0 spot"
+    assert any(line.startswith("gpu:0 spot: 62.60 s + 3.50 s of checkpoints (5.6%) at $0.30/h")
+               for line in lines), lines
+
+    # Checkpoints that take 10 s each make the spot machine dearer than the CPU on demand.
+    results["gpu:0"]["checkpoint_s"] = 10.0
+    _, metrics = dropin.compare_costs(results, prices)
+    assert metrics["gpu0_checkpoint_overhead_s"] == pytest.approx(70)
+    assert metrics["cheapest_option"] == "cpu"
+
+
 def test_job_arithmetic_is_about_2_4_mflop_per_example_and_counts_convolutions():
     job = dropin.build_model((28, 28, 1), 500, 10)
     assert device.train_flops_per_example(job) == pytest.approx(2.4e6, rel=0.01)
@@ -101,7 +124,8 @@ def test_job_arithmetic_is_about_2_4_mflop_per_example_and_counts_convolutions()
 
 
 @pytest.mark.parametrize("text", ["cpu=0.4,gpu=1.2", "cpu:abc,gpu:1", "cpu:0.4", "gpu:1.2",
-                                  "tpu:1,cpu:1,gpu:1", "cpu:-1,gpu:1", "cpu:nan,gpu:1", ""])
+                                  "tpu:1,cpu:1,gpu:1", "cpu:-1,gpu:1", "cpu:nan,gpu:1", "",
+                                  "cpu:1,gpu_spot:1", "cpu:1,gpu:1,tpu_spot:1"])
 def test_bad_price_per_hour_is_rejected_naming_the_flag(text):
     with pytest.raises(ValueError, match="--price_per_hour"):
         device.Config(price_per_hour=text)
@@ -156,7 +180,8 @@ def test_without_a_gpu_the_cpu_job_runs_in_this_process_and_logs_like_a_worker(
         pytest.skip("the backend sees a GPU here, which the job would run on")
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin", "No devices were found"))
     workers = watch_workers(monkeypatch)
-    metrics = device.run(tiny(epochs=2), str(tmp_path / "run"), tiny_images)
+    metrics = device.run(tiny(epochs=2, price_per_hour="cpu:0.40,gpu:1.20,cpu_spot:0.12"),
+                         str(tmp_path / "run"), tiny_images)
     run_dir = tmp_path / "run"
 
     assert workers == []  # no Python process was started ...
@@ -167,6 +192,10 @@ def test_without_a_gpu_the_cpu_job_runs_in_this_process_and_logs_like_a_worker(
     assert len(read_tensorboard_tags(run_dir / "cpu" / "train")["epoch_loss"]) == 2
     assert metrics["cpu_cost_usd"] == pytest.approx(
         read_tensorboard_tags(run_dir / "hparams" / "cpu")["device/cost_usd"][0], rel=1e-5)
+    # A spot CPU: the job plus the two epochs' checkpoints, each timed saving the job's model.
+    assert metrics["cpu_checkpoint_overhead_s"] == pytest.approx(2 * metrics["cpu_checkpoint_s"])
+    assert metrics["cpu_spot_cost_usd"] == pytest.approx(
+        (metrics["cpu_wall_time_s"] + metrics["cpu_checkpoint_overhead_s"]) / 3600 * 0.12)
 
 
 # main.py as it runs from a shell, which says at exit whether TensorFlow was ever imported.
@@ -225,7 +254,8 @@ assert all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))  # 
 assert verdict["cheapest_device"] == "cpu", verdict
 assert abs(verdict["break_even_speedup"] - 3) < 1e-9, verdict
 assert abs(verdict["cpu_cost_usd"] - r["wall_time_s"] / 3600 * 0.40) < 1e-12, verdict
-assert "more than 3.00x as fast" in lines[-1], lines
+assert "more than 3.00x as fast" in lines[-2], lines
+assert "A spot GPU at $0.45/h" in lines[-1] and abs(verdict["break_even_speedup_spot"] - 1.125) < 1e-9
 # The same start: with learning rate 0 the job's copy is your model, weight for weight.
 still = job_on_device(model, "cpu", x, y, x_val, y_val, epochs=1, learning_rate=0.0)
 assert abs(still["val_loss"] - model.evaluate(x_val, y_val, verbose=0)[0]) < 1e-5, still
@@ -238,7 +268,7 @@ def test_copy_example_times_a_copy_of_your_model_and_prices_it_on_jax_without_te
     proc = run_copy_example("device.py", tmp_path, COPY_SETUP, COPY_CHECK,
                             env={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK 2" in proc.stdout, proc.stdout[-2000:]
+    assert "OK 3" in proc.stdout, proc.stdout[-2000:]
     assert "No GPU ran this job" in proc.stdout  # the verdict the example printed
 
 
