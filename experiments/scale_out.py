@@ -277,9 +277,9 @@ def fit_from(fit, model, data_at, epochs, steps, saved, callbacks, per_epoch=Fal
     until = min(until or epochs, epochs)
     checkpoints = [c for c in callbacks if isinstance(c, EpochCheckpoint)]
     boards = [b for b in callbacks if isinstance(b, keras.callbacks.TensorBoard)]
-    for board in boards:  # flushed, not closed, at each fit's end: closed, a writer starts a
-        board.on_train_end = functools.partial(flush, board)  # new file, and TensorBoard
-        # reads files in name order, where ...12.v2 comes before ...2.v2: steps out of order
+    for board in boards:  # one event file per split across all the fits (see keep_writers)
+        board.set_model = functools.partial(keep_writers, board)
+        board._close_writers = functools.partial(flush, board)
     history = keras.callbacks.History()
     STOP.training += 1
     try:
@@ -304,10 +304,22 @@ def fit_from(fit, model, data_at, epochs, steps, saved, callbacks, per_epoch=Fal
     finally:
         STOP.training -= 1
         for board in boards:  # the points written so far reach the disk
-            del board.on_train_end
+            del board.set_model, board._close_writers
             with contextlib.suppress(Exception):
                 flush(board)
     return history
+
+
+def keep_writers(board, model):
+    """keras.callbacks.TensorBoard.set_model, keeping the writers it already has open.
+
+    Keras makes new writers at every fit (set_model) and closes them at its end. A run
+    split into several fits (per epoch, or resumed mid-epoch) would then write a file per
+    fit, and TensorBoard reads a folder's files in name order, where one process's
+    ...12.v2 sorts before its ...2.v2 written in the same second: steps out of order.
+    """
+    if not (getattr(board, "_writers", None) and board.model is model):
+        type(board).set_model(board, model)  # else: the same model, its writers and graph kept
 
 
 def flush(board, logs=None):

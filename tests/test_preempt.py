@@ -235,3 +235,21 @@ def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_one_error(tmp_pa
     (tmp_path / "epoch_0001.keras").write_bytes(b"cut")
     with pytest.raises(RuntimeError, match="every checkpoint in .* is damaged"):
         scale_out.latest_checkpoint(str(tmp_path))
+
+
+def test_a_run_split_into_fits_writes_one_event_file_per_split(tmp_path):
+    # Keras opens new writers at every fit: a file per epoch, which TensorBoard reads in name
+    # order (one process's ...12.v2 before its ...2.v2 in the same second: steps misordered).
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype("float32"), rng.integers(0, 3, 40)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    board = keras.callbacks.TensorBoard(str(tmp_path / "logs"))
+    for until in (2, 4):  # two calls, as mixed_precision's Trainee makes, of per-epoch fits
+        scale_out.fit_from(keras.Model.fit, model,
+                           lambda e, s: {"x": x, "y": y, "batch_size": 8}, 4, 5,
+                           {"epochs_done": until - 2, "step": 0}, [board], per_epoch=True,
+                           until=until, validation_data=(x, y), shuffle=False, verbose=0)
+    for split in ("train", "validation"):
+        assert len(list((tmp_path / "logs" / split).glob("events.out.tfevents.*"))) == 1, split
+        assert read_tensorboard_steps(tmp_path / "logs" / split)["epoch_loss"] == [0, 1, 2, 3]
