@@ -43,7 +43,8 @@ def distribution_scope(strategy):
 # which main.py turns into exit 143 (130 for Ctrl-C). A SIGKILL loses the steps since the last
 # checkpoint: one at each epoch's end, and one every --checkpoint_every_steps within an epoch
 # (by default about every AUTO_EVERY_S seconds, never so often that saving takes more than
-# COST_SHARE of the time).
+# COST_SHARE of the time: by default an epoch shorter than that spacing skips its save, the
+# run's last epoch aside).
 
 AUTO_EVERY_S = 30.0
 COST_SHARE = 0.05
@@ -91,7 +92,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     recipe's own (step timings, where a comparison stands, ...).
 
     Saved at each epoch's end; within an epoch every `every_steps` steps (0: about every
-    AUTO_EVERY_S seconds, spaced at least 1/COST_SHARE times a save's own time apart);
+    AUTO_EVERY_S seconds, spaced at least 1/COST_SHARE times a save's own time apart, and
+    an epoch's end that comes sooner than that after the last save is passed over);
     and at the end of the step in progress once STOP asks, after which it raises
     Preempted. The .json goes first, then the model to a temporary name renamed .keras,
     so a kill or a full disk at any moment leaves the previous pair whole (Keras'
@@ -106,6 +108,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.folder, self.state, self.every_steps = folder, state or dict, every_steps
         self.cost, self.epoch_logs = 0.0, {}
         self.tensorboards = []  # flushed before each save (fit_from gives them)
+        self.saved_step, self.saved_at = None, time.monotonic()  # the last save's
         self.start(0, 0, None)
 
     def start(self, epoch, step, steps, partial=None, logs=None):
@@ -114,7 +117,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.epoch, self.first, self.step, self.steps = epoch, step, step, steps
         self.partial = dict(partial or {})
         self.epoch_logs = dict(logs or self.epoch_logs)
-        self.saved_step, self.saved_at = self.global_step(), time.monotonic()
+        if self.saved_step is None:  # the first fit: where it starts is saved already
+            self.saved_step = self.global_step()
 
     def global_step(self):
         return self.epoch * (self.steps or 0) + self.step
@@ -140,10 +144,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_logs = {k: float(v) for k, v in (logs or {}).items()}
         self.steps = self.steps or (self.params or {}).get("steps")
-        path = self.save(epoch + 1, 0, {})
+        path = None
+        if STOP.signum is not None or self.epoch_end_due(epoch):
+            path = self.save(epoch + 1, 0, {})
         self.start(epoch + 1, 0, self.steps)
         if STOP.signum is not None:
             raise Preempted(STOP.signum, position(epoch + 1, 0, self.steps), path)
+
+    def epoch_end_due(self, epoch):
+        """Every epoch's end saves, the run's last always; on the auto interval, an epoch
+        ending less than a save's time / COST_SHARE after the last save is passed over
+        (epochs of a fraction of a second: saving would take more than COST_SHARE)."""
+        last = epoch + 1 >= (self.params or {}).get("epochs", epoch + 1)
+        return (last or self.every_steps
+                or time.monotonic() - self.saved_at >= self.cost / COST_SHARE)
 
     def means(self, logs):
         """The epoch's running means so far: this fit's steps joined to a resumed epoch's."""

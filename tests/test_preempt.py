@@ -253,3 +253,23 @@ def test_a_run_split_into_fits_writes_one_event_file_per_split(tmp_path):
     for split in ("train", "validation"):
         assert len(list((tmp_path / "logs" / split).glob("events.out.tfevents.*"))) == 1, split
         assert read_tensorboard_steps(tmp_path / "logs" / split)["epoch_loss"] == [0, 1, 2, 3]
+
+
+def test_epochs_too_short_to_save_each_skip_theirs_but_the_last_saves(tmp_path, monkeypatch):
+    # Saves "cost" 1 s each: an epoch ending within 1 / COST_SHARE = 20 s of the last save
+    # skips its own; the run's last epoch saves whatever the cost.
+    saver = scale_out.EpochCheckpoint(str(tmp_path))
+    saver.set_params({"epochs": 3, "steps": 5})
+    saved = []
+
+    def save(epochs_done, step, partial):  # what save() records, without writing
+        saved.append(epochs_done)
+        saver.cost, saver.saved_at = 1.0, time.monotonic()
+
+    monkeypatch.setattr(saver, "save", save)
+    for epoch in range(3):
+        saver.on_epoch_end(epoch)
+    assert saved == [1, 3]  # the first (no save timed yet), the last; not the second
+    saver.every_steps = 10  # --checkpoint_every_steps: every epoch's end saves
+    saver.on_epoch_end(0)
+    assert saved == [1, 3, 1]

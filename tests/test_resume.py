@@ -84,8 +84,11 @@ def test_prune_sigterm_in_the_fine_tune_resumes_at_that_step_of_the_schedule(tmp
     assert read_tensorboard_steps(run_dir / "pruned" / "train")["epoch_loss"] == [0, 1, 2]
 
 
+# --checkpoint_every_steps: every epoch's end saves (on the auto interval, epochs this short
+# pass their save over), and no step within one does.
 MIXED = ["--recipe=mixed_precision", "--policy=mixed_bfloat16", "--compare", "--epochs=3",
-         "--steps_per_epoch=12", "--batch_size=32", "--filters=8,8", "--dense_units=8"]
+         "--steps_per_epoch=12", "--batch_size=32", "--filters=8,8", "--dense_units=8",
+         "--checkpoint_every_steps=1000"]
 
 
 def test_mixed_precision_compare_killed_resumes_both_policies(tmp_path):

@@ -29,7 +29,10 @@ def test_killed_compare_run_resumes_tf_data_and_keeps_the_finished_generator(tmp
     # 80 training images in steps of 2: an epoch takes about half a second, long enough to
     # stop the run inside the epoch we aim at.
     root = write_tree(tmp_path / "data", per_class=50)
-    args = stream_cli(root, tmp_path / "runs", "--compare", "--epochs=4")
+    # --checkpoint_every_steps: every epoch's end saves (on the auto interval an epoch this
+    # short, under 20 saves' time, passes its save over), and no step within one does.
+    args = stream_cli(root, tmp_path / "runs", "--compare", "--epochs=4",
+                      "--checkpoint_every_steps=1000")
     first = start_cli(*args)
     read_until(first, "training with --loader=tf_data")
     read_until(first, "Epoch 3/4")  # tf_data's epochs 1 and 2 are finished and checkpointed
