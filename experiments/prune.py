@@ -53,19 +53,21 @@ Run:    python main.py --recipe=prune
         --batch_size is then per replica); --resume after a kill continues the
         baseline or the fine-tune, the schedule's step included
 Expect: on the default shapes data (6,000 28x28 images, dense model, 80%, 2 CPU
-        cores, ~15 s), measured: the output layer (0.59% of the weight
+        cores, ~10 s), measured: the output layer (0.59% of the weight
         matrices) is left dense, dense_128 and dense_64 reach exactly 0.800
-        (model_sparsity 0.795); accuracy 0.982 -> 0.978 (0.4 pt); .keras gzip
-        406,261 -> 124,488 bytes (3.26x); int8 TFLite 41,459 (9.8x); Keras
-        int8 41,314 at 0.978. KERAS_BACKEND=jax: 0.977 -> 0.978, 3.28x;
-        --engine=tfmot: 0.988 -> 0.983, 3.2x. The sweep:
+        (model_sparsity 0.795); accuracy 0.981 -> 0.982 (-0.1 pt); .keras gzip
+        406,191 -> 124,168 bytes (3.27x); int8 TFLite 41,487 (9.8x); Keras
+        int8 41,247 at 0.980 (each epoch reads the examples in an order
+        permuted by (seed, epoch), so that a resumed epoch reads the rest of
+        it). KERAS_BACKEND=jax: 0.989 -> 0.982, 3.26x; --engine=tfmot: 0.988
+        -> 0.983, 3.2x. The sweep:
            target  measured  accuracy  drop pts  gzip bytes  ratio
-             0.50     0.500    0.9830     -0.10     243,354   1.67
-             0.70     0.700    0.9860     -0.40     165,385   2.46
-             0.80     0.800    0.9780      0.40     124,485   3.26
-             0.90     0.900    0.9740      0.80      80,732   5.03
-             0.95     0.950    0.9600      2.20      56,106   7.24
-        Accuracy holds to 90%; at 95% it falls. On the tfmot guide's MNIST
+             0.50     0.500    0.9830     -0.20     243,529   1.67
+             0.70     0.700    0.9800      0.10     165,384   2.46
+             0.80     0.800    0.9820     -0.10     124,167   3.27
+             0.90     0.900    0.9790      0.20      79,116   5.13
+             0.95     0.950    0.9610      2.00      55,362   7.34
+        Accuracy holds to 90%; at 95% it falls 2 points. On the tfmot guide's MNIST
         model (benchmarks/prune.py), both engines lose <= 0.1 pt at 80%
         (guide: 0.7) and ~0.7 pt at 90% (guide: 3.0), int8 TFLite 14x.
         benchmarks/prune_models.py, at 80%: a small Xception (SeparableConv2D 85%

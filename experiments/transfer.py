@@ -35,10 +35,11 @@ Size:   --image_size defaults to 64 so the default run on the generated shapes
         step of 32 images at 150x150 takes about 3.5 s when the machine is
         quiet, 8-9 s measured here with other jobs running.
 Expect: measured on a shared 2-core CPU, default shapes run at 64x64 with
-        --weights=none --cache_features --fine_tune_epochs=1 (two runs):
-        base_epoch_s 3.9-4.1, head_epoch_s 0.06-0.07 (cache_speedup 55-68),
-        phase 2 4.7-5.3 s per epoch, 24 s in all. Accuracy stays near chance (0.10
-        after phase 1, 0.30 after one fine-tuning epoch) because the weights
+        --weights=none --cache_features --fine_tune_epochs=1: base_epoch_s
+        1.7 (3.9-4.1 on a busier machine), head_epoch_s 0.03-0.07
+        (cache_speedup 55-68), phase 2 2.1 s per epoch (4.7-5.3), 9-24 s in
+        all. Accuracy stays near chance (0.10 after phase 1, 0.30-0.33 after
+        one fine-tuning epoch) because the weights
         are random, and the run says so after training: accuracy needs
         pretrained weights. What ImageNet weights reach on photos was not
         measured here (no network to fetch them). Two local workers
