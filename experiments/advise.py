@@ -63,6 +63,7 @@ Copy:   an experiment only, with no drop-in file of its own: it composes the rec
         Arrays need no TensorFlow (JAX backend); folders read through tf.data.
 """
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -393,14 +394,15 @@ def stream_config(config):
 
 def dataset_feed(ds, pipeline):
     """fit on `ds` for a number of steps; the feed remembers which pipeline it is and the
-    batch size it really yields (read from its first batch)."""
+    batch size it really yields: the larger of its first two batches (a pass over 96
+    examples in batches of 64 ends in a short one; one test run here read 32 first)."""
     def feed(model, steps, callbacks):
         # shuffle=False: a dataset shuffles itself (and fit would shuffle a PyDataset's index)
         model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks,
                   shuffle=False)
     feed.pipeline = pipeline
-    first = ds[0] if isinstance(ds, keras.utils.PyDataset) else next(iter(ds))
-    feed.batch_seen = int(keras.ops.shape(first[0])[0])
+    firsts = [ds[0]] if isinstance(ds, keras.utils.PyDataset) else itertools.islice(ds, 2)
+    feed.batch_seen = max(int(keras.ops.shape(batch[0])[0]) for batch in firsts)
     return feed
 
 
