@@ -13,7 +13,7 @@ at --price_per_hour. It says which device is cheaper per job and by how much,
 and the break-even speedup (the price ratio) a GPU must beat to pay off. A
 spot price (gpu_spot:0.45, cpu_spot:..., gpu_spot:N:...) adds the job's cost on
 that preemptible machine: its wall time plus the checkpoints a resumable run saves
-there (one per epoch, one every 30 s), each timed saving the job's own model on
+there (one per epoch within 5% of the job, one every 30 s), each timed saving the job's own model on
 its device, and the cheapest option of all (cheapest_option).
 Where the time goes: each job also times a float32 matmul of the first
 layer's shape on its device, so the job's arithmetic floor (6 FLOP per weight

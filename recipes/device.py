@@ -38,7 +38,10 @@ import numpy as np
 PRICE_NAME = re.compile(r"^(cpu|gpu)(_spot)?(:\d+)?$")
 # On a spot machine a run saves a checkpoint at each epoch's end and every this many seconds
 # (the repository's CLI default), so that a preemption loses little; they cost time there.
+# As the CLI does, saves are spaced so that they take at most CHECKPOINT_SHARE of the job:
+# short epochs pass theirs over, the last aside.
 CHECKPOINT_EVERY_S = 30.0
+CHECKPOINT_SHARE = 0.05
 
 
 def initial_weights(input_dim, hidden_units, num_classes, seed):
@@ -263,10 +266,13 @@ def compare_costs(results, prices):
 
 def spot_cost(device, r, prices, metrics, every_s=CHECKPOINT_EVERY_S):
     """The job on a spot machine: its wall time plus the checkpoints a preemptible run
-    saves (one per epoch and one every every_s seconds, at r['checkpoint_s'] each) at
-    the spot price; one line, and metrics added."""
-    save_s = r.get("checkpoint_s", 0.0)
-    overhead = save_s * (r.get("epochs", 1) + r["wall_time_s"] // every_s)
+    saves (at r['checkpoint_s'] each: one per epoch, as many as CHECKPOINT_SHARE of the
+    job allows but at least the last, and one every every_s seconds or more) at the spot
+    price; one line, and metrics added."""
+    save_s, wall = r.get("checkpoint_s", 0.0), r["wall_time_s"]
+    budget = math.floor(CHECKPOINT_SHARE * wall / save_s) if save_s > 0 else math.inf
+    timed = wall // max(every_s, save_s / CHECKPOINT_SHARE)
+    overhead = save_s * (min(r.get("epochs", 1), max(1, budget)) + timed)
     cost = (r["wall_time_s"] + overhead) / 3600 * price_of(device, prices, spot=True)
     on_demand = metrics[f"{metric_prefix(device)}_cost_usd"]
     metrics.update({f"{metric_prefix(device)}_spot_cost_usd": cost,

@@ -106,10 +106,11 @@ def test_a_spot_price_adds_the_job_with_its_checkpoints_at_that_price():
     assert any(line.startswith("gpu:0 spot: 62.60 s + 3.50 s of checkpoints (5.6%) at $0.30/h")
                for line in lines), lines
 
-    # Checkpoints that take 10 s each make the spot machine dearer than the CPU on demand.
-    results["gpu:0"]["checkpoint_s"] = 10.0
+    # A checkpoint that takes 40 s: only the last epoch's is saved (more would cost over 5%),
+    # and it alone makes the spot machine dearer than the CPU on demand.
+    results["gpu:0"]["checkpoint_s"] = 40.0
     _, metrics = dropin.compare_costs(results, prices)
-    assert metrics["gpu0_checkpoint_overhead_s"] == pytest.approx(70)
+    assert metrics["gpu0_checkpoint_overhead_s"] == pytest.approx(40)
     assert metrics["cheapest_option"] == "cpu"
 
 
@@ -192,8 +193,10 @@ def test_without_a_gpu_the_cpu_job_runs_in_this_process_and_logs_like_a_worker(
     assert len(read_tensorboard_tags(run_dir / "cpu" / "train")["epoch_loss"]) == 2
     assert metrics["cpu_cost_usd"] == pytest.approx(
         read_tensorboard_tags(run_dir / "hparams" / "cpu")["device/cost_usd"][0], rel=1e-5)
-    # A spot CPU: the job plus the two epochs' checkpoints, each timed saving the job's model.
-    assert metrics["cpu_checkpoint_overhead_s"] == pytest.approx(2 * metrics["cpu_checkpoint_s"])
+    # A spot CPU: the job plus its epochs' checkpoints (the last, and the other if 5% of the
+    # job allows it), each timed saving the job's model.
+    saves = metrics["cpu_checkpoint_overhead_s"] / metrics["cpu_checkpoint_s"]
+    assert saves == pytest.approx(1) or saves == pytest.approx(2), saves
     assert metrics["cpu_spot_cost_usd"] == pytest.approx(
         (metrics["cpu_wall_time_s"] + metrics["cpu_checkpoint_overhead_s"]) / 3600 * 0.12)
 
