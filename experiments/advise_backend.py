@@ -25,6 +25,8 @@ import time
 import keras
 import numpy as np
 
+from experiments.errors import named_line
+
 BACKENDS = ("tensorflow", "jax", "torch")
 MARK = b"ADVISE_BACKEND "  # what starts a worker's answer on its stdout (the rest is noise)
 READY_TIMEOUT_S = 600  # importing, loading and compiling one backend, on a busy machine
@@ -67,8 +69,7 @@ def worker(job_file):
     try:
         trials = prepared_trials(advise, job)
     except Exception as error:  # reported by the parent as this backend's failure
-        first = (str(error).strip().splitlines() or [""])[0]
-        answer({"error": f"{type(error).__name__}: {first}"})
+        answer({"error": named_line(error)})
         return
     answer({"ready": keras.backend.backend(),
             "compile_s": {name: t.compile_s for name, t in trials.items()}})

@@ -18,6 +18,7 @@ import zipfile
 import keras
 import numpy as np
 
+from experiments.errors import named_line, one_line
 from experiments.files import save_json, write_atomically
 
 
@@ -185,8 +186,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             with contextlib.suppress(OSError):
                 os.remove(stem + ".json")  # its model never made it
             kept = sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))
-            cause = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OSError(f"could not write the checkpoint {stem}.keras ({cause}); "
+            raise OSError(f"could not write the checkpoint {stem}.keras ({one_line(e)}); "
                           + (f"the previous one is kept ({kept[-1]})" if kept else
                              "no earlier checkpoint") + ": free space or make the folder "
                           "writable, then run the same command with --resume") from e
@@ -225,7 +225,7 @@ def latest_checkpoint(folder):
             if bad:
                 raise ValueError(f"{bad} fails its CRC check")
         except Exception as e:  # noqa: BLE001  (any damage reads as damage)
-            damaged.append((path, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"))
+            damaged.append((path, named_line(e)))
             with contextlib.suppress(OSError):
                 os.replace(path, path + ".damaged")  # never the newest again
             continue
