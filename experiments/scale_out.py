@@ -110,6 +110,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.cost, self.epoch_logs = 0.0, {}
         self.tensorboards = []  # flushed before each save (fit_from gives them)
         self.saved_step, self.saved_at = None, time.monotonic()  # the last save's
+        self.saved_path = None
         self.start(0, 0, None)
 
     def start(self, epoch, step, steps, partial=None, logs=None):
@@ -169,10 +170,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return {k: (self.partial.get(k, v) * self.first + v * done) / self.step
                 for k, v in logs.items()}
 
+    def saved_at_epoch_end(self, epochs_done):
+        """The checkpoint after `epochs_done` epochs: the last one saved, or saved now where
+        that epoch's end passed its save over."""
+        if self.saved_step != epochs_done * (self.steps or 0) or self.saved_path is None:
+            return self.save(epochs_done, 0, {})
+        return self.saved_path
+
     def save(self, epochs_done, step, partial):
         stem = os.path.join(self.folder, checkpoint_name(epochs_done, step))
+        global_step = epochs_done * (self.steps or 0) + step
         payload = {"epochs_done": epochs_done, "step": step, "steps_per_epoch": self.steps,
-                   "global_step": epochs_done * (self.steps or 0) + step, "partial": partial,
+                   "global_step": global_step, "partial": partial,
                    "state": self.state(), "logs": self.epoch_logs}
         getattr(self.model, "jax_state_sync", lambda: None)()  # JAX: the step's weights
         for board in self.tensorboards:  # what the checkpoint counts as done is on disk
@@ -192,7 +201,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
                           "writable, then run the same command with --resume") from e
         self.cost = time.perf_counter() - start
         SAVE_SECONDS.append(self.cost)
-        self.saved_step, self.saved_at = epochs_done * (self.steps or 0) + step, time.monotonic()
+        self.saved_step, self.saved_at = global_step, time.monotonic()
+        self.saved_path = stem + ".keras"
         models = sorted(glob.glob(os.path.join(self.folder, "epoch_*.keras")))
         for older in models[:-KEEP]:
             os.remove(older)
@@ -311,9 +321,9 @@ def fit_from(fit, model, data_at, epochs, steps, saved, callbacks, per_epoch=Fal
             epoch, step, partial = last, 0, {}
             if model.stop_training and not span.ended:  # TerminateOnNaN, early stopping
                 break
-            if STOP.signum is not None:  # it came after the epoch's checkpoint
+            if STOP.signum is not None:  # it came after the epoch's end
                 raise Preempted(STOP.signum, position(epoch, 0, steps),
-                                latest_checkpoint(checkpoints[0].folder)[0] if checkpoints
+                                checkpoints[0].saved_at_epoch_end(epoch) if checkpoints
                                 else None)
     finally:
         STOP.training -= 1

@@ -273,3 +273,30 @@ def test_epochs_too_short_to_save_each_skip_theirs_but_the_last_saves(tmp_path, 
     saver.every_steps = 10  # --checkpoint_every_steps: every epoch's end saves
     saver.on_epoch_end(0)
     assert saved == [1, 3, 1]
+
+
+class StopAfterEpochEnd(keras.callbacks.Callback):
+    """A signal that lands after the checkpoint callback's epoch end, before fit returns."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        scale_out.STOP.signum = signal.SIGTERM
+
+
+def test_a_signal_after_an_epoch_that_skipped_its_save_saves_that_epochs_end(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype("float32"), rng.integers(0, 3, 40)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    saver = scale_out.EpochCheckpoint(str(tmp_path))
+    saver.cost = 1e9  # saves "take" so long that the epoch's end passes its save over
+    try:
+        with pytest.raises(scale_out.Preempted) as stop:
+            scale_out.fit_from(keras.Model.fit, model,
+                               lambda e, s: {"x": x, "y": y, "batch_size": 8}, 3, 5,
+                               dict(scale_out.NOTHING_SAVED), [saver, StopAfterEpochEnd()],
+                               per_epoch=True, shuffle=False, verbose=0)
+    finally:
+        scale_out.STOP.signum = None
+    assert "SIGTERM at epoch 2, step 0 of 5" in str(stop.value)
+    assert stop.value.checkpoint == str(tmp_path / "epoch_0001.keras")  # saved, not claimed
+    assert scale_out.latest_checkpoint(str(tmp_path))[1]["epochs_done"] == 1
