@@ -48,7 +48,7 @@ import numpy as np
 from experiments.files import save_json, write_atomically
 from experiments.scale_out import (EpochCheckpoint, array_batches, distribution_scope,
                                    final_logs, fit_from, latest_checkpoint, position,
-                                   replica_count, restore)
+                                   replica_count, restore, validation_batches)
 from experiments.tensorboard import (log_custom_scalars, log_hparams_trials, log_per_epoch,
                                      log_text_summary, scalar_pb, write_events)
 from experiments.user_model import (classifier_loss, fresh_model, num_classes_of,
@@ -102,16 +102,6 @@ def build_model(input_shape, num_classes):
     loss = (keras.losses.BinaryCrossentropy() if binary
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, loss
-
-
-def validation_dataset(x, y, batch_size):
-    """The validation arrays as tf.data, in order, the last batch short; sharded by data
-    under multi_worker, as array_batches' training batches are."""
-    import tensorflow as tf  # only here: the drop-in file and a JAX sweep's model need none
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return (tf.data.Dataset.from_tensor_slices((x, y)).with_options(options)
-            .batch(min(batch_size, len(x))).prefetch(tf.data.AUTOTUNE))
 
 
 def check_finite(loss, batch_size, learning_rate):
@@ -169,7 +159,7 @@ def train_at_batch_size(make_model, data, batch_size, learning_rate, config, run
         history = fit_from(
             fit, model, lambda epoch, step: {"x": array_batches(
                 x_train, y_train, global_batch, config.seed, epoch * steps + step)},
-            config.epochs, steps, saved, validation_data=validation_dataset(
+            config.epochs, steps, saved, validation_data=validation_batches(
                 x_val, y_val, global_batch),
             shuffle=False,  # array_batches shuffles; fit's own flag only warns for tf.data
             verbose=2, callbacks=[

@@ -376,11 +376,26 @@ def array_batches(x, y, batch_size, seed, first_step=0):
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), p]))
         return tf.data.Dataset.from_tensor_slices(order[:per_pass * batch_size]).batch(batch_size)
 
+    indices = tf.data.Dataset.range(first_pass, sys.maxsize).flat_map(one_pass).skip(skip)
+    return by_data(indices.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))).prefetch(
+        tf.data.AUTOTUNE)
+
+
+def validation_batches(x, y, batch_size):
+    """tf.data: in-memory (x, y) in order, the last batch short, sharded by data as
+    array_batches' training batches are."""
+    import tensorflow as tf
+    return by_data(tf.data.Dataset.from_tensor_slices((x, y))).batch(
+        min(batch_size, len(x))).prefetch(tf.data.AUTOTUNE)
+
+
+def by_data(ds):
+    """`ds` sharded by data under multi_worker: each worker takes its share of every batch
+    (an in-memory source has no files to shard by)."""
+    import tensorflow as tf
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    indices = tf.data.Dataset.range(first_pass, sys.maxsize).flat_map(one_pass).skip(skip)
-    return (indices.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
-            .with_options(options).prefetch(tf.data.AUTOTUNE))
+    return ds.with_options(options)
 
 
 def fit_by_strategy_run(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto",

@@ -82,7 +82,8 @@ import tensorflow as tf
 from experiments.files import write_atomically
 from experiments.scale_out import (NOTHING_SAVED, EpochCheckpoint, array_batches,
                                    distribution_scope, final_logs, fit_from, latest_checkpoint,
-                                   position, replica_count, restore)
+                                   by_data, position, replica_count, restore,
+                                   validation_batches)
 from experiments.tensorboard import log_text_summary
 from recipes import transfer
 from recipes.step_timer import StepTimer, steady
@@ -193,19 +194,13 @@ def count_params(weights):
 
 # --- data and timing -----------------------------------------------------------
 
-def make_dataset(x, y, batch_size, seed, shuffle=True, repeat=False):
-    """An in-memory tf.data pipeline; training batches are full, so steps compare.
-
-    Under a multi-worker strategy each worker takes its share of every batch
-    (sharding by data: an in-memory source has no files to shard by).
-    """
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).with_options(options)
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(min(batch_size, len(x)), drop_remainder=shuffle)
-    return (ds.repeat() if repeat else ds).prefetch(tf.data.AUTOTUNE)
+def make_dataset(x, y, batch_size, seed):
+    """In-memory (x, y) as shuffled, full training batches, so steps compare (the tests'
+    and benchmarks/transfer.py's; run() reads array_batches, resumable at a step)."""
+    ds = by_data(tf.data.Dataset.from_tensor_slices((x, y)))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(min(batch_size, len(x)), drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def epoch_seconds(step_seconds, warmup_steps, steps):
@@ -483,7 +478,7 @@ def run(config, run_dir, data, strategy=None, fit=None):
                                                        epoch * steps + step)}
 
     train_images = batches(x_train, y_train)
-    val_images = make_dataset(x_val, y_val, batch_size, config.seed, shuffle=False)
+    val_images = validation_batches(x_val, y_val, batch_size)
     phase2 = latest_checkpoint(os.path.join(checkpoints, "phase2"))
 
     if phase2[0] is None:
@@ -508,7 +503,7 @@ def run(config, run_dir, data, strategy=None, fit=None):
             with distribution_scope(strategy):
                 logs, timer = fit_phase(
                     head, batches(f_train, y_train),
-                    make_dataset(f_val, y_val, batch_size, config.seed, shuffle=False),
+                    validation_batches(f_val, y_val, batch_size),
                     "phase 1, head on cached features", config.epochs, 0, lr, steps, config,
                     callbacks, fit=fit, resume=resume, timer=timer)
             metrics["head_epoch_s"] = epoch_seconds(timer.seconds, config.warmup_steps, steps)
