@@ -232,8 +232,8 @@ def compare_costs(results, prices):
         if price_of(device, prices, spot=True) is not None:
             lines.append(spot_cost(device, r, prices, metrics))
     cpu_price = prices["cpu"]
-    gpu_price = next(p for n, p in prices.items() if re.match(r"gpu(:|$)", n))  # gpu, or a gpu:N
-    gpu_price = prices.get("gpu", gpu_price)
+    gpu_price = prices["gpu"] if "gpu" in prices else next(
+        p for n, p in prices.items() if n.startswith("gpu:"))
     gpus = [d for d in ok if d != "cpu"]
     if ok:
         metrics["cheapest_device"] = min(ok, key=lambda d: metrics[f"{metric_prefix(d)}_cost_usd"])
@@ -273,15 +273,14 @@ def spot_cost(device, r, prices, metrics, every_s=CHECKPOINT_EVERY_S):
     budget = math.floor(CHECKPOINT_SHARE * wall / save_s) if save_s > 0 else math.inf
     timed = wall // max(every_s, save_s / CHECKPOINT_SHARE)
     overhead = save_s * (min(r.get("epochs", 1), max(1, budget)) + timed)
-    cost = (r["wall_time_s"] + overhead) / 3600 * price_of(device, prices, spot=True)
-    on_demand = metrics[f"{metric_prefix(device)}_cost_usd"]
-    metrics.update({f"{metric_prefix(device)}_spot_cost_usd": cost,
-                    f"{metric_prefix(device)}_checkpoint_overhead_s": overhead,
-                    f"{metric_prefix(device)}_checkpoint_overhead_share":
-                        overhead / r["wall_time_s"]})
-    return (f"{device} spot: {r['wall_time_s']:.2f} s + {overhead:.2f} s of checkpoints "
-            f"({overhead / r['wall_time_s']:.1%}) at ${price_of(device, prices, spot=True):.2f}"
-            f"/h = ${cost:.6f} per job, {1 - cost / on_demand:.0%} less than on demand"
+    price, prefix = price_of(device, prices, spot=True), metric_prefix(device)
+    cost = (wall + overhead) / 3600 * price
+    on_demand = metrics[f"{prefix}_cost_usd"]
+    metrics.update({f"{prefix}_spot_cost_usd": cost, f"{prefix}_checkpoint_overhead_s": overhead,
+                    f"{prefix}_checkpoint_overhead_share": overhead / wall})
+    return (f"{device} spot: {wall:.2f} s + {overhead:.2f} s of checkpoints "
+            f"({overhead / wall:.1%}) at ${price:.2f}/h = ${cost:.6f} per job, "
+            f"{1 - cost / on_demand:.0%} less than on demand"
             if on_demand > 0 else f"{device} spot: ${cost:.6f} per job")
 
 
