@@ -257,7 +257,7 @@ def compare_costs(results, prices):
         if spot is not None and cpu_price > 0:
             metrics["break_even_speedup_spot"] = spot / cpu_price
             lines.append(f"A spot GPU at ${spot:.2f}/h pays off if it runs it more than "
-                         f"{spot / cpu_price:.2f}x as fast, its checkpoints included.")
+                         f"{spot / cpu_price:.2f}x as fast, plus the time its checkpoints take.")
     for device, r in results.items():
         if "error" in r:
             lines.append(f"{device} FAILED (left out of the verdict): {r['error']}")
